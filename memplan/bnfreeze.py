@@ -1,0 +1,45 @@
+"""Freeze BatchNorm running statistics while a forward pass is *re*-computed.
+
+Recomputation (checkpoint recompute, reversible-block reconstruction) runs a module's forward a
+second time in the same step; in training mode BatchNorm would then update ``running_mean``,
+``running_var`` and ``num_batches_tracked`` twice. Inside :func:`frozen_batchnorm_stats` the
+modules normalise with batch statistics exactly as before but leave their buffers untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def batchnorms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
+    """Every BatchNorm module (with running statistics) inside ``modules``, each once."""
+    seen: dict[int, _BatchNorm] = {}
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, _BatchNorm) and m.track_running_stats:
+                seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, BatchNorms of ``modules`` compute as before but do not update their stats.
+
+    >>> import torch
+    >>> bn = nn.BatchNorm1d(2); x = torch.randn(4, 2)
+    >>> y1 = bn(x); before = bn.running_mean.clone()
+    >>> with frozen_batchnorm_stats([bn]): y2 = bn(x)
+    >>> torch.equal(y1, y2), torch.equal(before, bn.running_mean), int(bn.num_batches_tracked)
+    (True, True, 1)
+    """
+    frozen = [m for m in batchnorms(modules) if m.training]
+    for m in frozen:
+        m.track_running_stats = False  # training: batch stats, no buffer update (see _BatchNorm.forward)
+    try:
+        yield
+    finally:
+        for m in frozen:
+            m.track_running_stats = True
