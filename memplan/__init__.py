@@ -1,10 +1,24 @@
-"""memplan: a graph-level memory planner for training PyTorch networks on large 3D volumes."""
+"""memplan: a graph-level memory planner for training PyTorch networks on large 3D volumes.
+
+trace -> plan -> rewrite -> measure:
+
+>>> import torch, memplan
+>>> net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU())
+>>> g = memplan.trace(net, torch.empty(1, 1, 32, 32, 32, device="meta"))
+>>> len(g), memplan.format_bytes(g.activation_bytes)
+(2, '1.00 MiB')
+"""
 from .errors import BudgetError, MemplanError, PlanMismatchError, TraceError
+from .graph import MemGraph, NodeInfo
+from .measure import MemoryReport, measure_step, simulate_step
+from .trace import register_leaf, trace
 from .units import format_bytes, parse_bytes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BudgetError", "MemplanError", "PlanMismatchError", "TraceError",
+    "MemGraph", "NodeInfo", "MemoryReport",
+    "trace", "register_leaf", "simulate_step", "measure_step",
     "format_bytes", "parse_bytes",
 ]

@@ -1,0 +1,149 @@
+"""Per-node memory analysis: run a GraphModule once on meta tensors and record, for each node,
+the storage it allocates, what autograd saves for its backward (saved-tensor hooks), and FLOPs."""
+from __future__ import annotations
+
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from ._meta import meta_copy, storage_key, tensors_in, to_meta
+from .graph import MemGraph, NodeInfo
+
+_PARAM, _INPUT = "<param>", "<input>"
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs a graph node by node, recording storages, saved tensors and FLOPs per node."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+        self.owner: dict[int, str] = {}        # storage key -> producing node name, or _PARAM / _INPUT
+        self.infos: dict[str, NodeInfo] = {}
+        self.saved_refs: list[torch.Tensor] = []  # keep saved tensors alive so storage keys stay unique
+        for t in list(gm.parameters()) + list(gm.buffers()):
+            self.owner[storage_key(t)] = _PARAM
+
+    def placeholder(self, target, args, kwargs):
+        value = super().placeholder(target, args, kwargs)
+        for t in tensors_in(value):
+            self.owner.setdefault(storage_key(t), _INPUT)
+        return value
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        for t in tensors_in(value):
+            self.owner.setdefault(storage_key(t), _PARAM)
+        return value
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op in ("placeholder", "get_attr", "output"):
+            return super().run_node(n)
+        packed: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            packed.append(t)
+            return t
+
+        flops = FlopCounterMode(display=False)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flops:
+            value = super().run_node(n)
+        self.saved_refs.extend(packed)
+        self.infos[n.name] = self._info(n, value, packed, flops.get_total_flops())
+        return value
+
+    def _info(self, n: torch.fx.Node, value: Any, packed: list[torch.Tensor], flops: int) -> NodeInfo:
+        outs = tensors_in(value)
+        out_bytes, alias_of, seen = 0, None, set()
+        for t in outs:
+            key = storage_key(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            if key in self.owner:
+                alias_of = alias_of or self.owner[key]
+            else:
+                self.owner[key] = n.name
+                out_bytes += t.untyped_storage().nbytes()
+        saved_from: list[str] = []
+        extra = inputs = params = 0
+        saved_keys = set()
+        for t in packed:
+            key = storage_key(t)
+            if key in saved_keys:
+                continue
+            saved_keys.add(key)
+            who = self.owner.get(key)
+            nbytes = t.untyped_storage().nbytes()
+            if who is None:
+                extra += nbytes
+            elif who == _PARAM:
+                params += nbytes
+            elif who == _INPUT:
+                inputs += nbytes
+            elif who not in saved_from:
+                saved_from.append(who)
+        has_params = bool(n.op == "call_module" and any(True for _ in self.module.get_submodule(n.target).parameters())) \
+            or any(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in n.all_input_nodes)
+        numel = sum(t.numel() for t in outs)
+        return NodeInfo(
+            name=n.name, op=n.op, target=_target_name(n),
+            out_shapes=tuple(tuple(t.shape) for t in outs), out_dtypes=tuple(str(t.dtype) for t in outs),
+            out_bytes=out_bytes, alias_of=None if alias_of in (_PARAM, _INPUT) else alias_of,
+            saved_from=tuple(saved_from), saved_extra_bytes=extra, saved_input_bytes=inputs,
+            saved_param_bytes=params, flops=int(max(flops, numel)), has_params=has_params)
+
+
+def _target_name(n: torch.fx.Node) -> str:
+    t = n.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__name__", None) or str(t)
+
+
+def _root(infos: dict[str, NodeInfo], name: str) -> str:
+    """Follow alias_of to the node that owns the storage."""
+    seen = set()
+    while infos[name].alias_of is not None and name not in seen:
+        seen.add(name)
+        name = infos[name].alias_of
+    return name
+
+
+def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "fx",
+            notes: tuple[str, ...] = ()) -> MemGraph:
+    """Build the MemGraph of ``gm``: one meta-tensor forward with saved-tensor hooks and FLOP counting.
+
+    Nodes that produce no tensor (guards, asserts) are left out of the DAG; views and in-place ops
+    stay in it with ``out_bytes == 0`` and ``alias_of`` set.
+    """
+    mgm = meta_copy(gm)
+    inputs = to_meta(example_inputs)
+    rec = _Recorder(mgm)
+    with torch.enable_grad():
+        result = rec.run(*inputs)
+    infos = rec.infos
+    dag = nx.DiGraph()
+    order = [n.name for n in gm.graph.nodes if n.name in infos and infos[n.name].out_shapes]
+    keep = set(order)
+    for name in order:
+        dag.add_node(name, info=infos[name])
+    for n in gm.graph.nodes:
+        if n.name not in keep:
+            continue
+        for a in n.all_input_nodes:
+            if a.name in keep:
+                dag.add_edge(a.name, n.name)
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = tuple(a.name for a in output_node.all_input_nodes if a.name in keep)
+    params = dict(gm.named_parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    trainable = sum(p.numel() * p.element_size() for p in params.values() if p.requires_grad)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in gm.buffers())
+    input_bytes = sum(t.numel() * t.element_size() for t in tensors_in(example_inputs))
+    del result
+    return MemGraph(gm=gm, dag=dag, order=order, outputs=outputs, input_bytes=input_bytes,
+                    param_bytes=param_bytes, trainable_param_bytes=trainable, buffer_bytes=buffer_bytes,
+                    tracer=tracer, trace_notes=notes)

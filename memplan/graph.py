@@ -1,0 +1,179 @@
+"""MemGraph: the forward tensors of a traced network as a DAG with exact memory figures.
+
+Nodes are the fx nodes that produce activations (graph inputs, parameters and buffers are not
+nodes; their bytes are recorded on the graph). Edges follow data flow. Every figure comes from
+running the graph on meta tensors (memplan.analyze), so it is exact and costs no compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import networkx as nx
+import torch.fx
+
+from .errors import MemplanError
+
+#: Default bound on the number of lower sets the exact DP may iterate over.
+DEFAULT_LOWER_SET_BOUND = 2000
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What one forward node costs: bytes it allocates, bytes its backward keeps, its FLOPs.
+
+    ``out_bytes`` counts only new storage (0 for views and in-place ops, whose storage belongs to
+    ``alias_of``). ``saved_from`` names the nodes whose outputs autograd keeps for this node's
+    backward (possibly itself); ``saved_extra_bytes`` are buffers the op creates only to save
+    them (max-pool indices, BatchNorm mean/invstd, dropout masks).
+    """
+
+    name: str
+    op: str
+    target: str
+    out_shapes: tuple[tuple[int, ...], ...]
+    out_dtypes: tuple[str, ...]
+    out_bytes: int
+    alias_of: str | None
+    saved_from: tuple[str, ...]
+    saved_extra_bytes: int
+    saved_input_bytes: int
+    saved_param_bytes: int
+    flops: int
+    has_params: bool
+
+    @property
+    def saved_kinds(self) -> dict[str, int]:
+        """Saved bytes by kind: output of this node, outputs of other nodes, new buffers, graph inputs."""
+        return {"self": int(self.name in self.saved_from), "others": len(self.saved_from) - int(self.name in self.saved_from),
+                "new_bytes": self.saved_extra_bytes, "graph_input_bytes": self.saved_input_bytes}
+
+
+@dataclass
+class MemGraph:
+    """The traced network: a networkx DiGraph of NodeInfo plus the fx GraphModule it came from.
+
+    ``order`` is the fx (topological) order of the nodes; ``outputs`` the nodes whose values the
+    network returns. ``param_bytes``/``buffer_bytes``/``input_bytes`` are storages outside the DAG.
+    """
+
+    gm: torch.fx.GraphModule
+    dag: nx.DiGraph
+    order: list[str]
+    outputs: tuple[str, ...]
+    input_bytes: int
+    param_bytes: int
+    trainable_param_bytes: int
+    buffer_bytes: int
+    tracer: str
+    trace_notes: tuple[str, ...] = ()
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._index = {name: i for i, name in enumerate(self.order)}
+
+    # -- node access -----------------------------------------------------------------------------
+    def info(self, name: str) -> NodeInfo:
+        return self.dag.nodes[name]["info"]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[NodeInfo]:
+        return (self.info(n) for n in self.order)
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    @property
+    def total_flops(self) -> int:
+        return sum(i.flops for i in self)
+
+    @property
+    def activation_bytes(self) -> int:
+        """Sum of every node's new output storage: what a forward allocates in all."""
+        return sum(i.out_bytes for i in self)
+
+    def fingerprint(self) -> str:
+        """A hash of node names, ops, shapes and edges: equal graphs, equal fingerprints."""
+        import hashlib
+        h = hashlib.sha256()
+        for info in self:
+            h.update(f"{info.name}|{info.op}|{info.target}|{info.out_shapes}|{info.out_dtypes};".encode())
+            h.update(",".join(sorted(self.dag.predecessors(info.name))).encode())
+        h.update(repr(self.outputs).encode())
+        return h.hexdigest()[:16]
+
+    # -- lower sets ------------------------------------------------------------------------------
+    def pred_masks(self) -> list[int]:
+        """For node i (in ``order``), the bitmask of its direct predecessors."""
+        masks = []
+        for name in self.order:
+            m = 0
+            for p in self.dag.predecessors(name):
+                m |= 1 << self._index[p]
+            masks.append(m)
+        return masks
+
+    def ancestor_masks(self) -> list[int]:
+        """For node i, the bitmask of i and all its ancestors (the approximate DP's lower sets)."""
+        preds = self.pred_masks()
+        masks: list[int] = []
+        for i, pm in enumerate(preds):
+            m = 1 << i
+            j = pm
+            while j:
+                low = j & -j
+                m |= masks[low.bit_length() - 1]
+                j ^= low
+            masks.append(m)
+        return masks
+
+    def lower_sets(self, bound: int = DEFAULT_LOWER_SET_BOUND) -> list[int] | None:
+        """All lower sets (closed under predecessors) as bitmasks sorted by size; None past ``bound``.
+
+        Enumerated breadth-first from the empty set by adding one node whose predecessors are all
+        in; each set is visited once. A chain of n nodes has n + 1 lower sets; n parallel nodes 2**n.
+        """
+        preds = self.pred_masks()
+        n = len(preds)
+        seen = {0}
+        frontier = [0]
+        while frontier:
+            nxt = []
+            for s in frontier:
+                for i in range(n):
+                    bit = 1 << i
+                    if not s & bit and preds[i] & s == preds[i]:
+                        t = s | bit
+                        if t not in seen:
+                            seen.add(t)
+                            if len(seen) > bound:
+                                return None
+                            nxt.append(t)
+            frontier = nxt
+        return sorted(seen, key=lambda m: (m.bit_count(), m))
+
+    def count_lower_sets(self, bound: int = DEFAULT_LOWER_SET_BOUND) -> int | None:
+        """Number of lower sets, or None when it exceeds ``bound``."""
+        sets = self.lower_sets(bound)
+        return None if sets is None else len(sets)
+
+    def names_of(self, mask: int) -> list[str]:
+        """The node names in a bitmask, in graph order."""
+        return [self.order[i] for i in range(len(self.order)) if mask >> i & 1]
+
+    def mask_of(self, names) -> int:
+        m = 0
+        for n in names:
+            if n not in self._index:
+                raise MemplanError(f"node {n!r} is not in this graph; nodes are fx node names, e.g. {self.order[:3]}")
+            m |= 1 << self._index[n]
+        return m
+
+    def summary(self) -> str:
+        """One line: nodes, edges, activation and parameter bytes, FLOPs."""
+        from .units import format_bytes
+        return (f"MemGraph({len(self)} nodes, {self.dag.number_of_edges()} edges, activations "
+                f"{format_bytes(self.activation_bytes)}, params {format_bytes(self.param_bytes)}, "
+                f"{self.total_flops / 1e9:.2f} GFLOP, traced by {self.tracer})")

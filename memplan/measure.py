@@ -1,0 +1,281 @@
+"""The ruler: the peak memory of a whole training step, predicted on meta tensors or measured.
+
+A step is: zero_grad(set_to_none) -> forward -> loss -> backward -> optimizer.step(), run twice so
+the optimizer state of a steady-state step is included. ``simulate_step`` runs it on a meta copy
+under a dispatch mode that sums the bytes of every live storage after each ATen op (exact for
+tensor lifetimes; sees storages resized in place). It adds the transient scratch buffers kernels
+allocate and free inside one op (CPU convolution unfold / oneDNN reorder buffers), which tensor
+tracking cannot see, from a model of those kernels (``scratch="cpu"``). ``measure_step`` runs the
+step for real: the CPU profiler's allocator events, or CUDA's max_memory_allocated.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._meta import as_tuple, meta_copy, storage_key, tensors_in, to_meta
+from .errors import MemplanError
+
+OPTIMIZERS = ("adam", "sgd", "sgd-momentum", "none")
+SCRATCH_MODELS = ("none", "cpu")
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Peak bytes of a training step, what was live at the peak, and live bytes after every op."""
+
+    peak_bytes: int
+    breakdown: dict[str, int]
+    timeline: list[tuple[str, int]] = field(repr=False)
+    method: str = "simulated"
+    peak_op: str = ""
+
+    def summary(self) -> str:
+        from .units import format_bytes
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.breakdown.items())
+        return f"{self.method} peak {format_bytes(self.peak_bytes)} at {self.peak_op or '?'} ({parts})"
+
+
+def make_optimizer(name: str, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer | None:
+    """The optimizer a step uses; single-tensor (foreach=False) so every device runs the same ops."""
+    if name not in OPTIMIZERS:
+        raise MemplanError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    params = [p for p in params if p.requires_grad]
+    if name == "none" or not params:
+        return None
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3, foreach=False)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=False)
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=False)
+
+
+def default_loss(output: Any) -> torch.Tensor:
+    """Sum of every floating-point tensor the model returns."""
+    leaves = [t for t in tensors_in(output) if t.is_floating_point()]
+    if not leaves:
+        raise MemplanError("the model returned no floating-point tensor to build a loss from; pass loss_fn=")
+    total = leaves[0].sum()
+    for t in leaves[1:]:
+        total = total + t.sum()
+    return total
+
+
+def run_steps(model: nn.Module, inputs: tuple, loss_fn: Callable | None, optimizer: str,
+              steps: int = 2, on_phase: Callable[[str], None] | None = None) -> None:
+    """Run ``steps`` training steps of ``model`` on ``inputs``."""
+    opt = make_optimizer(optimizer, list(model.parameters()))
+    loss_fn = loss_fn or default_loss
+    for _ in range(steps):
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+        if on_phase:
+            on_phase("forward")
+        loss = loss_fn(model(*inputs))
+        if on_phase:
+            on_phase("backward")
+        loss.backward()
+        del loss
+        if opt is not None:
+            if on_phase:
+                on_phase("optimizer")
+            opt.step()
+    _last_optimizer[0] = opt
+
+
+_last_optimizer: list[Any] = [None]
+
+
+# -- kernel scratch model --------------------------------------------------------------------------
+def _conv_scratch_cpu(func, args) -> int:
+    """Bytes a CPU 3D convolution allocates and frees inside the op (see README, "kernel scratch").
+
+    PyTorch picks oneDNN when the input is float32 and (batch > 1, kernel > 3 in the last two dims,
+    groups > 1, or N*C*D*H > 20480); oneDNN reorders tensors into 16-channel blocks (forward: input
+    when C_in >= 16, and output; backward: input, grad_input, grad_output). Otherwise slow_conv3d unfolds the input into
+    N * C_in * prod(k) * prod(out spatial) elements; slow_conv_transpose3d builds
+    N * C_out * prod(k) * prod(in spatial) columns.
+    """
+    name = str(func.overloadpacket)
+    if name == "aten.convolution":      # (input, weight, bias, stride, padding, dilation, transposed, ...)
+        x, w, stride, padding, transposed, groups = args[0], args[1], args[3], args[4], args[6], args[8]
+    elif name == "aten.convolution_backward":  # (grad_out, input, weight, bias_sizes, stride, padding, ...)
+        x, w, stride, padding, transposed, groups = args[1], args[2], args[4], args[5], args[7], args[9]
+    else:
+        return 0
+    if x.dim() != 5:
+        return 0
+    n, c_in, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    k = w.shape[2:]
+    esize = x.element_size()
+    if transposed:
+        c_out = w.shape[1] * groups
+        out_sp = [(spatial[i] - 1) * stride[i] - 2 * padding[i] + k[i] for i in range(3)]
+    else:
+        c_out = w.shape[0]
+        out_sp = [(spatial[i] + 2 * padding[i] - k[i]) // stride[i] + 1 for i in range(3)]
+    mkldnn = x.dtype == torch.float32 and (
+        groups > 1 or (k[-1] > 3 and k[-2] > 3) or n > 1 or n * c_in * spatial[0] * spatial[1] > 20480)
+    if mkldnn:
+        block = lambda c: 16 * math.ceil(c / 16)  # noqa: E731
+        blocked_in = n * block(c_in) * math.prod(spatial) * esize if c_in >= 16 else 0
+        blocked_out = n * block(c_out) * math.prod(out_sp) * esize
+        if name == "aten.convolution":
+            return blocked_in + blocked_out
+        return 2 * blocked_in + blocked_out   # input and grad_input reorders, grad_output reorder
+    if transposed:   # columns plus a contiguous copy of the input
+        return n * c_out * math.prod(k) * math.prod(spatial) * esize + x.numel() * esize
+    return n * c_in * math.prod(k) * math.prod(out_sp) * esize
+
+
+# -- live-storage tracking -------------------------------------------------------------------------
+class _LiveStorages(TorchDispatchMode):
+    """Tracks every storage any op returns; after each op records total live bytes (+ op scratch)."""
+
+    def __init__(self, scratch: str, classify: Callable[[dict[int, int]], dict[str, int]]):
+        super().__init__()
+        self.refs: dict[int, weakref.ref] = {}
+        self.scratch = scratch
+        self.classify = classify
+        self.timeline: list[tuple[str, int]] = []
+        self.peak = 0
+        self.peak_op = ""
+        self.breakdown: dict[str, int] = {}
+
+    def track(self, t: torch.Tensor) -> None:
+        key = storage_key(t)
+        ref = self.refs.get(key)
+        if ref is None or ref() is None:
+            self.refs[key] = weakref.ref(t.untyped_storage())
+
+    def live(self) -> dict[int, int]:
+        sizes, dead = {}, []
+        for key, ref in self.refs.items():
+            s = ref()
+            if s is None:
+                dead.append(key)
+            else:
+                sizes[key] = s.nbytes()
+        for key in dead:
+            del self.refs[key]
+        return sizes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tensors_in(out):
+            self.track(t)
+        scratch = _conv_scratch_cpu(func, args) if self.scratch == "cpu" else 0
+        sizes = self.live()
+        total = sum(sizes.values())
+        name = str(func.overloadpacket)
+        self.timeline.append((name, total + scratch))
+        if total + scratch > self.peak:
+            self.peak = total + scratch
+            self.peak_op = name
+            self.breakdown = self.classify(sizes)
+            if scratch:
+                self.breakdown["kernel scratch"] = scratch
+        return out
+
+
+def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None = None,
+                  optimizer: str = "adam", scratch: str = "cpu", steps: int = 2) -> MemoryReport:
+    """Predict the peak memory of training ``model`` on ``example_inputs`` without compute.
+
+    Runs ``steps`` real training steps on meta copies; the model and inputs are not touched.
+    ``scratch="cpu"`` adds the CPU convolution kernels' transient buffers; ``"none"`` counts only
+    tensors (what CUDA's allocator holds, cuDNN workspaces excluded).
+
+    >>> net = nn.Linear(1000, 1000, bias=False)            # 4 MB of weights
+    >>> r = simulate_step(net, torch.empty(1, 1000, device="meta"), optimizer="sgd")
+    >>> r.peak_bytes // 1000                                # weights + grad + io
+    8004
+    """
+    if scratch not in SCRATCH_MODELS:
+        raise MemplanError(f"unknown scratch model {scratch!r}; choose one of {SCRATCH_MODELS}")
+    if optimizer not in OPTIMIZERS:
+        raise MemplanError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    mmodel = meta_copy(model)
+    inputs = to_meta(as_tuple(example_inputs))
+    params = list(mmodel.parameters())
+    param_keys = {storage_key(p) for p in params} | {storage_key(b) for b in mmodel.buffers()}
+
+    def classify(sizes: dict[int, int]) -> dict[str, int]:
+        grads = {storage_key(p.grad) for p in params if p.grad is not None}
+        opt = _last_optimizer[0]
+        state = set()
+        if opt is not None:
+            for st in opt.state.values():
+                state |= {storage_key(v) for v in st.values() if isinstance(v, torch.Tensor) and v.is_meta}
+        out = {"parameters": 0, "gradients": 0, "optimizer state": 0, "activations and other": 0}
+        for key, nbytes in sizes.items():
+            kind = ("parameters" if key in param_keys else "gradients" if key in grads
+                    else "optimizer state" if key in state else "activations and other")
+            out[kind] += nbytes
+        return out
+
+    mode = _LiveStorages(scratch, classify)
+    for t in params + list(mmodel.buffers()) + list(inputs):
+        if isinstance(t, torch.Tensor):
+            mode.track(t)
+    _last_optimizer[0] = None
+    with mode:
+        run_steps(mmodel, inputs, loss_fn, optimizer, steps=steps)
+    _last_optimizer[0] = None
+    return MemoryReport(peak_bytes=mode.peak, breakdown=mode.breakdown, timeline=mode.timeline,
+                        method=f"simulated (scratch={scratch})", peak_op=mode.peak_op)
+
+
+def measure_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None = None,
+                 optimizer: str = "adam", device: str | torch.device = "cpu", steps: int = 2) -> MemoryReport:
+    """Measure the peak memory of real training steps on ``device`` (a copy of model and inputs).
+
+    CPU: bytes live before the step plus the largest running sum of the profiler's allocator events.
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+    """
+    import copy
+    device = torch.device(device)
+    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in as_tuple(example_inputs))
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs):
+        raise MemplanError("measure_step needs real example inputs, got meta tensors; use simulate_step to predict")
+    work = copy.deepcopy(model).to(device)
+    base = _storage_bytes(list(work.parameters()) + list(work.buffers()) + list(inputs))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run_steps(work, inputs, loss_fn, optimizer, steps=steps)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return MemoryReport(peak_bytes=int(peak), breakdown={"before step": base}, timeline=[],
+                            method="measured (cuda max_memory_allocated)", peak_op="")
+    if device.type != "cpu":
+        raise MemplanError(f"measure_step supports cpu and cuda devices, got {device}")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_steps(work, inputs, loss_fn, optimizer, steps=steps)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    timeline = []
+    for e in events:
+        current += e.nbytes()
+        timeline.append(("alloc" if e.nbytes() > 0 else "free", base + current))
+        peak = max(peak, current)
+    return MemoryReport(peak_bytes=base + peak, breakdown={"before step": base, "step": peak},
+                        timeline=timeline, method="measured (cpu profiler)", peak_op="")
+
+
+def _storage_bytes(tensors: Sequence[Any]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            seen[storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
