@@ -8,9 +8,11 @@ trace -> plan -> rewrite -> measure:
 >>> len(g), memplan.format_bytes(g.activation_bytes)
 (2, '1.00 MiB')
 """
+from .api import compile, plan
 from .errors import BudgetError, MemplanError, PlanMismatchError, TraceError
 from .graph import MemGraph, NodeInfo
 from .measure import MemoryReport, measure_step, simulate_step
+from .plan import Plan, Segment
 from .trace import register_leaf, trace
 from .units import format_bytes, parse_bytes
 
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetError", "MemplanError", "PlanMismatchError", "TraceError",
     "MemGraph", "NodeInfo", "MemoryReport",
+    "Plan", "Segment", "plan", "compile",
     "trace", "register_leaf", "simulate_step", "measure_step",
     "format_bytes", "parse_bytes",
 ]

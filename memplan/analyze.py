@@ -2,15 +2,18 @@
 the storage it allocates, what autograd saves for its backward (saved-tensor hooks), and FLOPs."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import networkx as nx
 import torch
 import torch.fx
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._meta import meta_copy, storage_key, tensors_in, to_meta
 from .graph import MemGraph, NodeInfo
+from .measure import conv_scratch_bytes
 
 _PARAM, _INPUT = "<param>", "<input>"
 
@@ -48,10 +51,12 @@ class _Recorder(torch.fx.Interpreter):
             return t
 
         flops = FlopCounterMode(display=False)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flops:
+        scratch = _ScratchProbe()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flops, scratch:
             value = super().run_node(n)
         self.saved_refs.extend(packed)
-        self.infos[n.name] = self._info(n, value, packed, flops.get_total_flops())
+        info = self._info(n, value, packed, flops.get_total_flops())
+        self.infos[n.name] = dataclasses.replace(info, scratch_cpu_bytes=scratch.peak)
         return value
 
     def _info(self, n: torch.fx.Node, value: Any, packed: list[torch.Tensor], flops: int) -> NodeInfo:
@@ -96,6 +101,21 @@ class _Recorder(torch.fx.Interpreter):
             saved_param_bytes=params, flops=int(max(flops, numel)), has_params=has_params)
 
 
+class _ScratchProbe(TorchDispatchMode):
+    """Largest CPU convolution scratch (forward or backward) among the ops one node dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) == "aten.convolution":
+            x, w, stride, padding, transposed, groups = args[0], args[1], args[3], args[4], bool(args[6]), int(args[8])
+            self.peak = max(self.peak, *(conv_scratch_bytes(x, w, stride, padding, transposed, groups, backward=b)
+                                         for b in (False, True)))
+        return func(*args, **(kwargs or {}))
+
+
 def _target_name(n: torch.fx.Node) -> str:
     t = n.target
     if isinstance(t, str):
@@ -130,14 +150,17 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
     keep = set(order)
     for name in order:
         dag.add_node(name, info=infos[name])
+    deps: dict[str, set[str]] = {}   # nearest tensor-producing ancestors, through non-tensor nodes
     for n in gm.graph.nodes:
-        if n.name not in keep:
-            continue
+        d: set[str] = set()
         for a in n.all_input_nodes:
-            if a.name in keep:
-                dag.add_edge(a.name, n.name)
+            d |= {a.name} if a.name in keep else deps.get(a.name, set())
+        deps[n.name] = d
+        if n.name in keep:
+            for a in d:
+                dag.add_edge(a, n.name)
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
-    outputs = tuple(a.name for a in output_node.all_input_nodes if a.name in keep)
+    outputs = tuple(sorted(deps[output_node.name], key=order.index))
     params = dict(gm.named_parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params.values())
     trainable = sum(p.numel() * p.element_size() for p in params.values() if p.requires_grad)

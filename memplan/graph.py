@@ -41,6 +41,7 @@ class NodeInfo:
     saved_param_bytes: int
     flops: int
     has_params: bool
+    scratch_cpu_bytes: int = 0
 
     @property
     def saved_kinds(self) -> dict[str, int]:

@@ -96,21 +96,25 @@ _last_optimizer: list[Any] = [None]
 
 # -- kernel scratch model --------------------------------------------------------------------------
 def _conv_scratch_cpu(func, args) -> int:
-    """Bytes a CPU 3D convolution allocates and frees inside the op (see README, "kernel scratch").
+    """Bytes a CPU 3D convolution op allocates and frees inside itself (0 for other ops)."""
+    name = str(func.overloadpacket)
+    if name == "aten.convolution":      # (input, weight, bias, stride, padding, dilation, transposed, ...)
+        return conv_scratch_bytes(args[0], args[1], args[3], args[4], bool(args[6]), int(args[8]), backward=False)
+    if name == "aten.convolution_backward":  # (grad_out, input, weight, bias_sizes, stride, padding, ...)
+        return conv_scratch_bytes(args[1], args[2], args[4], args[5], bool(args[7]), int(args[9]), backward=True)
+    return 0
+
+
+def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transposed: bool, groups: int,
+                       *, backward: bool) -> int:
+    """Scratch of one CPU 3D convolution (see README, "kernel scratch"); 0 for other ranks.
 
     PyTorch picks oneDNN when the input is float32 and (batch > 1, kernel > 3 in the last two dims,
     groups > 1, or N*C*D*H > 20480); oneDNN reorders tensors into 16-channel blocks (forward: input
-    when C_in >= 16, and output; backward: input, grad_input, grad_output). Otherwise slow_conv3d unfolds the input into
-    N * C_in * prod(k) * prod(out spatial) elements; slow_conv_transpose3d builds
-    N * C_out * prod(k) * prod(in spatial) columns.
+    when C_in >= 16, and output; backward: input, grad_input, grad_output). Otherwise slow_conv3d
+    unfolds the input into N * C_in * prod(k) * prod(out spatial) elements; slow_conv_transpose3d
+    builds N * C_out * prod(k) * prod(in spatial) columns plus a copy of the input.
     """
-    name = str(func.overloadpacket)
-    if name == "aten.convolution":      # (input, weight, bias, stride, padding, dilation, transposed, ...)
-        x, w, stride, padding, transposed, groups = args[0], args[1], args[3], args[4], args[6], args[8]
-    elif name == "aten.convolution_backward":  # (grad_out, input, weight, bias_sizes, stride, padding, ...)
-        x, w, stride, padding, transposed, groups = args[1], args[2], args[4], args[5], args[7], args[9]
-    else:
-        return 0
     if x.dim() != 5:
         return 0
     n, c_in, spatial = x.shape[0], x.shape[1], x.shape[2:]
@@ -128,10 +132,8 @@ def _conv_scratch_cpu(func, args) -> int:
         block = lambda c: 16 * math.ceil(c / 16)  # noqa: E731
         blocked_in = n * block(c_in) * math.prod(spatial) * esize if c_in >= 16 else 0
         blocked_out = n * block(c_out) * math.prod(out_sp) * esize
-        if name == "aten.convolution":
-            return blocked_in + blocked_out
-        return 2 * blocked_in + blocked_out   # input and grad_input reorders, grad_output reorder
-    if transposed:   # columns plus a contiguous copy of the input
+        return (2 * blocked_in + blocked_out) if backward else (blocked_in + blocked_out)
+    if transposed:
         return n * c_out * math.prod(k) * math.prod(spatial) * esize + x.numel() * esize
     return n * c_in * math.prod(k) * math.prod(out_sp) * esize
 

@@ -104,6 +104,7 @@ class _ReversibleCoupling(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, block: ReversibleBlock, n_f: int, *params: torch.Tensor) -> torch.Tensor:
         ctx.block, ctx.n_f = block, n_f
+        ctx.autocast = _capture_autocast(x.device)
         x1, x2 = x.chunk(2, dim=1)
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         y1, y2 = y.chunk(2, dim=1)
@@ -132,7 +133,7 @@ class _ReversibleCoupling(torch.autograd.Function):
         params = tuple(block.f.parameters()) + tuple(block.g.parameters())
         y1, y2 = y.chunk(2, dim=1)
         dy1, dy2 = grad_y.chunk(2, dim=1)
-        with torch.enable_grad(), frozen_batchnorm_stats([block.f, block.g]):
+        with torch.enable_grad(), frozen_batchnorm_stats([block.f, block.g]), _replayed_autocast(ctx.autocast):
             # G first: dL/dy1 gains G's contribution, and x2 = y2 - G(y1).
             gy1, (d_y1_from_g, *g_grads) = _vjp(block.g, y1, params[n_f:], dy2, ctx.rng_g)
             dy1_total = dy1 + d_y1_from_g
@@ -207,6 +208,20 @@ def _replayed_rng(state: _RngState | None) -> Iterator[None]:
         if device is not None:
             torch.cuda.set_rng_state(device_state, device)
         yield
+
+
+def _capture_autocast(device: torch.device) -> tuple[str, bool, torch.dtype] | None:
+    """Autocast settings of forward, so that backward's F and G run in the same precision."""
+    if device.type not in ("cpu", "cuda"):
+        return None
+    return device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+
+
+def _replayed_autocast(state: tuple[str, bool, torch.dtype] | None) -> contextlib.AbstractContextManager:
+    if state is None:
+        return contextlib.nullcontext()
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 def make_conv_bn_relu_coupling(spatial_dims: int, channels: int, kernel_size: int | Sequence[int],

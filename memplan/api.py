@@ -1,0 +1,141 @@
+"""The public entry points: ``plan`` (trace + DP + check) and ``compile`` (plan + rewrite)."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._meta import as_tuple
+from .errors import BudgetError, MemplanError
+from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
+from .measure import simulate_step
+from .plan import Plan, PlanOptions, check_plan, plan_graph, resolve_budget, with_simulation
+from .rewrite import rewrite
+from .trace import trace
+
+#: How many times plan() re-plans with a tighter internal budget when simulation exceeds the budget.
+CALIBRATION_ROUNDS = 4
+
+
+def _scratch_model(model: nn.Module, inputs: tuple, scratch: str | None) -> str:
+    """'cpu' when the step would run on CPU (kernel scratch matters there), else 'none'."""
+    if scratch is not None:
+        return scratch
+    tensors = [p for p in model.parameters()] + [t for t in inputs if isinstance(t, torch.Tensor)]
+    devices = {t.device.type for t in tensors if not t.is_meta}
+    return "none" if devices and devices != {"cpu"} else "cpu"
+
+
+def _graph_scratch(graph: MemGraph, scratch: str) -> dict[str, int] | None:
+    return {i.name: i.scratch_cpu_bytes for i in graph} if scratch == "cpu" else None
+
+
+def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "adam", method: str = "auto",
+                   scratch: str = "cpu", loss_fn=None, example_inputs: tuple = (), simulate: bool = True,
+                   lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, times: dict | None = None) -> Plan:
+    """Plan an already traced graph; when ``simulate``, check the plan with simulate_step and
+    tighten the DP's budget until the simulated step fits the requested budget."""
+    budget_b = resolve_budget(budget)
+    opts = PlanOptions(budget_bytes=budget_b, optimizer=optimizer, method=method,
+                       lower_set_bound=lower_set_bound, times=times)
+    scr = _graph_scratch(graph, scratch)
+    result = plan_graph(graph, opts, scratch=scr)
+    if not simulate:
+        return result
+    vanilla = simulate_step(graph.gm, example_inputs, loss_fn=loss_fn, optimizer=optimizer, scratch=scratch).peak_bytes
+    target = budget_b
+    for _ in range(CALIBRATION_ROUNDS):
+        sim = simulate_step(rewrite(graph, result), example_inputs, loss_fn=loss_fn, optimizer=optimizer,
+                            scratch=scratch).peak_bytes
+        result = with_simulation(result, sim, vanilla)
+        if budget_b is None or sim <= budget_b:
+            return result
+        target = target - (sim - budget_b)       # the cost model was optimistic by this much
+        try:
+            tighter = plan_graph(graph, dataclasses.replace(opts, budget_bytes=max(target, 1)), scratch=scr)
+        except BudgetError:
+            break
+        result = dataclasses.replace(tighter, budget_bytes=budget_b)
+    raise BudgetError(
+        f"no plan found whose simulated step fits the budget {budget_b} B: the best simulates at "
+        f"{result.simulated_peak_bytes} B; raise the budget to at least {result.simulated_peak_bytes} B",
+        budget_bytes=budget_b, min_feasible_bytes=int(result.simulated_peak_bytes or 0))
+
+
+def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
+         method: str = "auto", rev: bool = False, loss_fn=None, scratch: str | None = None,
+         lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, simulate: bool = True) -> Plan:
+    """Decide what to keep and what to recompute for training ``model`` on ``example_inputs``.
+
+    With ``budget`` (bytes or "12GB"): the least recompute whose whole training step fits.
+    Without: the smallest feasible peak, then the least recompute for it.
+    """
+    if rev:
+        from .rev_plan import plan_with_rev
+        return plan_with_rev(model, example_inputs, budget=budget, optimizer=optimizer, method=method,
+                             loss_fn=loss_fn, scratch=scratch, lower_set_bound=lower_set_bound)[0]
+    inputs = as_tuple(example_inputs)
+    scr = _scratch_model(model, inputs, scratch)
+    graph = trace(model, inputs)
+    try:
+        return plan_for_graph(graph, budget=budget, optimizer=optimizer, method=method, scratch=scr,
+                              loss_fn=loss_fn, example_inputs=inputs, simulate=simulate,
+                              lower_set_bound=lower_set_bound)
+    except BudgetError as err:
+        raise _with_rev_hint(err, model, inputs, optimizer, method, scr) from None
+
+
+def _with_rev_hint(err: BudgetError, model, inputs, optimizer, method, scratch) -> BudgetError:
+    """Add what REV substitution could reach to a BudgetError, when it can be computed."""
+    try:
+        from .rev_plan import plan_with_rev
+        rev_plan = plan_with_rev(model, inputs, budget=None, optimizer=optimizer, method=method,
+                                 scratch=scratch)[0]
+    except Exception:  # noqa: BLE001 - the hint is optional; the original error stands
+        return err
+    reach = rev_plan.simulated_peak_bytes or rev_plan.predicted_peak_bytes
+    if reach >= err.min_feasible_bytes:
+        msg = f"{err}\nREV substitution would not go lower here."
+    else:
+        from .units import format_bytes
+        msg = f"{err}\nREV would reach {format_bytes(reach)} (rev=True; replaces blocks with fresh weights)."
+    return BudgetError(msg, budget_bytes=err.budget_bytes, min_feasible_bytes=err.min_feasible_bytes,
+                       rev_min_bytes=int(reach))
+
+
+def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
+            method: str = "auto", rev: bool = False, plan: Plan | str | Path | None = None,
+            loss_fn=None, scratch: str | None = None) -> torch.fx.GraphModule:
+    """A module that trains like ``model`` in less memory; it carries its plan as ``.memplan_plan``.
+
+    Gradient checkpointing never changes what the network computes; the result shares ``model``'s
+    parameters and buffers, so ``model.state_dict()`` stays the checkpoint format.
+    """
+    inputs = as_tuple(example_inputs)
+    if rev:
+        if plan is not None:
+            raise MemplanError("compile(rev=True) plans REV itself; pass plan= only for GCP plans")
+        from .rev_plan import plan_with_rev
+        the_plan, graph = plan_with_rev(model, inputs, budget=budget, optimizer=optimizer, method=method,
+                                        loss_fn=loss_fn, scratch=scratch)
+        warnings.warn("memplan REV substitution changed the network: its replaced blocks "
+                      f"({len(the_plan.rev)}) start from fresh weights and must be trained", stacklevel=2)
+    else:
+        graph = trace(model, inputs)
+        if plan is None:
+            scr = _scratch_model(model, inputs, scratch)
+            try:
+                the_plan = plan_for_graph(graph, budget=budget, optimizer=optimizer, method=method, scratch=scr,
+                                          loss_fn=loss_fn, example_inputs=inputs)
+            except BudgetError as err:
+                raise _with_rev_hint(err, model, inputs, optimizer, method, scr) from None
+        else:
+            the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
+            check_plan(the_plan, graph)
+    module = rewrite(graph, the_plan)
+    module.memplan_plan = the_plan
+    return module

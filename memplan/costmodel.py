@@ -1,0 +1,164 @@
+"""The planner's cost model: what a chain of lower sets keeps, recomputes and peaks at.
+
+Kusumoto et al. (NeurIPS 2019) with memplan's refinements from measured autograd behaviour.
+A strategy is a chain of lower sets 0 = L0 < L1 < ... < Lk = V; block Vi = Li minus L(i-1);
+boundary B(L) = nodes of L with a successor outside L (graph outputs count as having one).
+For block V = L' minus L with interior I = V minus B(L'):
+
+  recompute(V) = I is not empty (the block runs under checkpoint and is re-run in backward)
+  keep(V)      = sum need(B(L') & V)                                       # outputs some backward saves
+                 + (extra(V) if not recompute(V))                          # buffers saved for backward
+                 + [recompute] sum out(u in B(L), need(u) = 0, succ(u) meets V)  # checkpoint inputs
+  time(V)      = flops(V) if recompute(V) else 0                           # what checkpoint re-runs
+  peak(V)      = static + kept_before + keep(V)
+                 + [recompute] (sum out(v in I that autograd saves) + extra(V))   # rebuilt for backward
+                 + sum out(B(L'))                                          # pending gradients
+                 + max over v in V of ([v in I] out(v) + sum out(pred v))  # one node's backward
+                 + max over v in V of scratch(v)                           # kernel scratch
+
+``out`` counts a node's storage (a view or in-place op counts its root's); ``need`` is ``out`` when
+some node's backward saves that storage (measured with saved-tensor hooks: a BatchNorm output read
+only by a ReLU is not saved, the ReLU saves its own output) or it is a graph output, else 0; a
+checkpointed block holds its inputs, so unsaved inputs of a recomputed block count there. ``extra``
+the buffers an op creates only to save them (max-pool indices, BN mean/invstd). ``static`` =
+parameters, gradients, optimizer state, inputs and buffers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import MemGraph
+
+OPTIMIZER_STATE_FACTOR = {"adam": 2, "sgd-momentum": 1, "sgd": 0, "none": 0}
+
+
+@dataclass(frozen=True)
+class CostArrays:
+    """Per-node vectors (graph order) the DP reads; bitmask helpers for the lower-set algebra."""
+
+    out_b: np.ndarray          # storage bytes a node's output keeps alive (root's bytes for aliases)
+    needed_b: np.ndarray       # out_b where some node's backward saves it, else 0
+    extra_b: np.ndarray        # buffers saved only for backward
+    work_b: np.ndarray         # sum out(pred v): the gradients one node's backward produces
+    scratch_b: np.ndarray      # kernel scratch of the node's forward/backward
+    flops: np.ndarray
+    succ_masks: tuple[int, ...]  # bitmask of successors (bit n = "outside": graph output)
+    succ_lists: tuple[tuple[int, ...], ...]  # successor indices
+    static_bytes: int
+    n: int
+
+    def boundary(self, mask: int) -> int:
+        """B(L): nodes of L with a successor outside L (graph outputs always count)."""
+        outside = ~mask
+        b = 0
+        for i in range(self.n):
+            if mask >> i & 1 and self.succ_masks[i] & outside:
+                b |= 1 << i
+        return b
+
+
+def _to_bool(mask: int, n: int) -> np.ndarray:
+    return np.array([(mask >> i) & 1 for i in range(n)], dtype=bool)
+
+
+def build_costs(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, int] | None = None,
+                times: dict[str, float] | None = None) -> CostArrays:
+    """Cost vectors of ``graph``: FLOPs as node time unless ``times`` (name -> seconds) is given."""
+    n = len(graph)
+    order = graph.order
+    idx = {name: i for i, name in enumerate(order)}
+    root = []
+    for name in order:
+        r, seen = name, set()
+        while graph.info(r).alias_of is not None and graph.info(r).alias_of in idx and r not in seen:
+            seen.add(r)
+            r = graph.info(r).alias_of
+        root.append(idx[r])
+    own = np.array([graph.info(nm).out_bytes for nm in order], dtype=np.float64)
+    out_b = own[root]
+    saved_roots: set[int] = set()
+    for name in order:
+        for s in graph.info(name).saved_from:
+            if s in idx:
+                saved_roots.add(root[idx[s]])
+    outputs = set(graph.outputs)
+    needed_b = np.array([out_b[i] if (root[i] in saved_roots or order[i] in outputs) else 0.0 for i in range(n)])
+    extra_b = np.array([graph.info(nm).saved_extra_bytes for nm in order], dtype=np.float64)
+    work_b = np.zeros(n)
+    for name in order:
+        for p in graph.dag.predecessors(name):
+            work_b[idx[name]] += out_b[idx[p]]
+    scratch_b = np.array([(scratch or {}).get(nm, 0) for nm in order], dtype=np.float64)
+    if times is not None:
+        flops = np.array([float(times.get(nm, 0.0)) for nm in order])
+    else:
+        flops = np.array([float(graph.info(nm).flops) for nm in order])
+    succ = []
+    for name in order:
+        m = 0
+        for s in graph.dag.successors(name):
+            m |= 1 << idx[s]
+        if name in outputs:
+            m |= 1 << n
+        succ.append(m)
+    factor = OPTIMIZER_STATE_FACTOR[optimizer]
+    static = (graph.param_bytes + graph.buffer_bytes + graph.input_bytes
+              + graph.trainable_param_bytes * (1 + factor))
+    succ_lists = tuple(tuple(idx[x] for x in graph.dag.successors(name)) for name in order)
+    return CostArrays(out_b=out_b, needed_b=needed_b, extra_b=extra_b, work_b=work_b, scratch_b=scratch_b,
+                      flops=flops, succ_masks=tuple(succ), succ_lists=succ_lists, static_bytes=int(static), n=n)
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Cost of one block L -> L' (see module docstring)."""
+    keep_b: float
+    time: float
+    peak_b: float          # peak minus static minus kept_before
+    recompute: bool
+
+
+def block_cost(c: CostArrays, lower: int, upper: int) -> BlockCost:
+    """The cost of block ``upper`` minus ``lower`` (both lower sets, ``lower`` strictly inside ``upper``)."""
+    n = c.n
+    v = _to_bool(upper & ~lower, n)
+    b_upper = _to_bool(c.boundary(upper), n)
+    interior = v & ~b_upper
+    recompute = bool(interior.any())
+    keep = float(c.needed_b[v & b_upper].sum()) + (0.0 if recompute else float(c.extra_b[v].sum()))
+    if recompute:
+        keep += unneeded_inputs(c, lower, upper & ~lower)
+    rebuilt = float(c.needed_b[interior].sum() + c.extra_b[v].sum()) if recompute else 0.0
+    pending = float(c.out_b[b_upper].sum())
+    work = float((c.work_b + np.where(interior, c.out_b, 0.0))[v].max()) if v.any() else 0.0
+    scr = float(c.scratch_b[v].max()) if v.any() else 0.0
+    t = float(c.flops[v].sum()) if recompute else 0.0
+    return BlockCost(keep_b=keep, time=t, peak_b=keep + rebuilt + pending + work + scr, recompute=recompute)
+
+
+def unneeded_inputs(c: CostArrays, lower: int, block: int) -> float:
+    """Bytes of boundary nodes of ``lower`` that no backward saves but a node of ``block`` reads
+    (a checkpoint keeps its inputs alive until its backward)."""
+    total = 0.0
+    b = c.boundary(lower)
+    for u in range(c.n):
+        if b >> u & 1 and c.needed_b[u] == 0 and any(block >> s & 1 for s in c.succ_lists[u]):
+            total += float(c.out_b[u])
+    return total
+
+
+def chain_cost(c: CostArrays, chain: list[int]) -> tuple[float, float]:
+    """(peak bytes, recompute time) of a chain of lower sets [L1, ..., V] (L0 = 0 implied)."""
+    kept = 0.0
+    peak = 0.0
+    total_t = 0.0
+    prev = 0
+    for cur in chain:
+        bc = block_cost(c, prev, cur)
+        peak = max(peak, c.static_bytes + kept + bc.peak_b)
+        kept += bc.keep_b
+        total_t += bc.time
+        prev = cur
+    return peak, total_t

@@ -1,0 +1,185 @@
+"""Kusumoto DP over lower sets: least recompute time under a memory budget, or least memory.
+
+Exact DP iterates over every lower set of the graph; approximate DP over the n + 2 sets
+{}, "v plus its ancestors" for every v, and V. Both use memplan.costmodel for block costs.
+
+The recurrence (state = lower set L and integer-scaled overhead t; value = least kept bytes):
+
+    opt[{}][0] = 0
+    opt[L'][t + dt(L, L')] = min(opt[L'][...], opt[L][t] + keep(L, L'))
+        for every L < L' in the family with static + opt[L][t] + peak(L, L') <= budget
+
+Keeping the least kept memory per (L, t) is exact because every later block's peak grows with it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .costmodel import CostArrays
+
+_INF = np.inf
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """All block costs from one lower set to its supersets in the family (vectorised)."""
+    targets: np.ndarray    # indices of supersets
+    keep_b: np.ndarray
+    peak_b: np.ndarray
+    time: np.ndarray
+    recompute: np.ndarray
+
+
+class Family:
+    """A family of lower sets (bitmasks sorted by size) with their block costs, computed lazily."""
+
+    def __init__(self, costs: CostArrays, masks: list[int]):
+        self.c = costs
+        self.masks = sorted(set(masks), key=lambda m: (m.bit_count(), m))
+        if self.masks[0] != 0:
+            raise AssertionError("a lower-set family must contain the empty set")
+        n = costs.n
+        bits = np.array([[(m >> i) & 1 for i in range(n)] for m in self.masks], dtype=bool).reshape(len(self.masks), n)
+        self.bits = bits
+        self.bnd = np.array([[(b >> i) & 1 for i in range(n)] for b in map(costs.boundary, self.masks)],
+                            dtype=bool).reshape(len(self.masks), n)
+        self.pending = self.bnd.astype(np.float64) @ costs.out_b
+        self.sizes = bits.sum(axis=1)
+        self._cache: dict[int, Transitions] = {}
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def _unneeded_inputs(self, a: int, v: np.ndarray) -> np.ndarray:
+        """Per target block: bytes of unsaved boundary nodes of set ``a`` that the block reads."""
+        c = self.c
+        total = np.zeros(v.shape[0])
+        for u in np.nonzero(self.bnd[a] & (c.needed_b == 0))[0]:
+            succ = list(c.succ_lists[u])
+            if succ:
+                total += np.where(v[:, succ].any(axis=1), c.out_b[u], 0.0)
+        return total
+
+    def transitions(self, a: int) -> Transitions:
+        """Block costs from set ``a`` to every strict superset in the family."""
+        if a in self._cache:
+            return self._cache[a]
+        c = self.c
+        la = self.bits[a]
+        is_super = ~(la[None, :] & ~self.bits).any(axis=1) & (self.sizes > self.sizes[a])
+        targets = np.nonzero(is_super)[0]
+        v = self.bits[targets] & ~la[None, :]
+        b = self.bnd[targets]
+        interior = v & ~b
+        recompute = interior.any(axis=1)
+        vf = v.astype(np.float64)
+        extra = vf @ c.extra_b
+        keep = (v & b).astype(np.float64) @ c.needed_b + np.where(recompute, 0.0, extra)
+        keep = keep + np.where(recompute, self._unneeded_inputs(a, v), 0.0)
+        rebuilt = np.where(recompute, interior.astype(np.float64) @ c.needed_b + extra, 0.0)
+        work = (vf * (c.work_b[None, :] + interior * c.out_b[None, :])).max(axis=1) if len(targets) else np.zeros(0)
+        scr = (vf * c.scratch_b[None, :]).max(axis=1) if len(targets) else np.zeros(0)
+        peak = keep + rebuilt + self.pending[targets] + work + scr
+        time = np.where(recompute, vf @ c.flops, 0.0)
+        tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=time, recompute=recompute)
+        self._cache[a] = tr
+        return tr
+
+
+@dataclass(frozen=True)
+class DPResult:
+    """A chain of lower sets (bitmasks, the empty set excluded) and what the cost model says of it."""
+    chain: tuple[int, ...]
+    peak_bytes: float
+    time: float
+
+
+def min_kept(family: Family, budget: float) -> np.ndarray:
+    """Least kept bytes to reach each set with every block peak within ``budget`` (inf: cannot)."""
+    f = np.full(len(family), _INF)
+    f[0] = 0.0
+    room = budget - family.c.static_bytes
+    for a in range(len(family)):
+        if not np.isfinite(f[a]):
+            continue
+        tr = family.transitions(a)
+        ok = f[a] + tr.peak_b <= room
+        cand = np.where(ok, f[a] + tr.keep_b, _INF)
+        np.minimum.at(f, tr.targets, cand)
+    return f
+
+
+def feasible(family: Family, budget: float) -> bool:
+    """Whether some chain in the family keeps every block's peak within ``budget``."""
+    return bool(np.isfinite(min_kept(family, budget)[-1]))
+
+
+def min_budget(family: Family, *, lo: float | None = None, hi: float | None = None) -> float:
+    """Smallest integer budget (bytes) for which a chain exists: binary search on ``feasible``."""
+    c = family.c
+    lo = float(c.static_bytes) if lo is None else lo
+    if hi is None:
+        hi = float(c.static_bytes + 2 * c.out_b.sum() + c.extra_b.sum() + c.work_b.max(initial=0)
+                   + c.scratch_b.max(initial=0)) + 1.0
+        while not feasible(family, hi):
+            hi *= 2
+    lo_i, hi_i = int(math.floor(lo)), int(math.ceil(hi))
+    while lo_i < hi_i:
+        mid = (lo_i + hi_i) // 2
+        if feasible(family, mid):
+            hi_i = mid
+        else:
+            lo_i = mid + 1
+    return float(hi_i)
+
+
+def least_time(family: Family, budget: float, *, time_steps: int = 1000) -> DPResult | None:
+    """The chain of least recompute time whose every block fits ``budget``; None if none fits.
+
+    Times are scaled to integers: unit = total time / time_steps (unit 1 when times are small
+    integers already), each block's overhead rounded up, so the DP is exact in those units.
+    """
+    c = family.c
+    total = float(c.flops.sum())
+    unit = 1.0 if total <= time_steps and np.all(c.flops == np.round(c.flops)) else total / time_steps
+    tmax = int(math.ceil(total / unit)) + c.n + 1
+    S = len(family)
+    opt = np.full((S, tmax + 1), _INF)
+    par_set = np.full((S, tmax + 1), -1, dtype=np.int64)
+    par_t = np.full((S, tmax + 1), -1, dtype=np.int64)
+    opt[0, 0] = 0.0
+    room = budget - c.static_bytes
+    for a in range(S):
+        row = opt[a]
+        live = np.nonzero(np.isfinite(row))[0]
+        if live.size == 0:
+            continue
+        tr = family.transitions(a)
+        dts = np.ceil(tr.time / unit - 1e-9).astype(np.int64)
+        for j, b in enumerate(tr.targets):
+            ok = live[row[live] + tr.peak_b[j] <= room]
+            if ok.size == 0:
+                continue
+            new_t = ok + dts[j]
+            keep_ok = new_t <= tmax
+            ok, new_t = ok[keep_ok], new_t[keep_ok]
+            cand = row[ok] + tr.keep_b[j]
+            better = cand < opt[b, new_t]
+            opt[b, new_t[better]] = cand[better]
+            par_set[b, new_t[better]] = a
+            par_t[b, new_t[better]] = ok[better]
+    final = np.nonzero(np.isfinite(opt[S - 1]))[0]
+    if final.size == 0:
+        return None
+    t = int(final[0])
+    chain, s = [], S - 1
+    while s != 0:
+        chain.append(family.masks[s])
+        s, t = int(par_set[s, t]), int(par_t[s, t])
+    chain.reverse()
+    from .costmodel import chain_cost
+    peak, time = chain_cost(c, chain)
+    return DPResult(chain=tuple(chain), peak_bytes=peak, time=time)
