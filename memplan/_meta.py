@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -44,7 +45,9 @@ def meta_copy(module: nn.Module) -> nn.Module:
         for value in vars(m).values():
             if isinstance(value, torch.Tensor) and id(value) not in memo:
                 memo[id(value)] = meta_like(value.detach())
-    return copy.deepcopy(module, memo)
+    with warnings.catch_warnings():   # deepcopy of exported modules trips a pytree deprecation notice
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(module, memo)
 
 
 def is_meta(tree: Any) -> bool:

@@ -36,14 +36,16 @@ def _graph_scratch(graph: MemGraph, scratch: str) -> dict[str, int] | None:
 
 def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "adam", method: str = "auto",
                    scratch: str = "cpu", loss_fn=None, example_inputs: tuple = (), simulate: bool = True,
-                   lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, times: dict | None = None) -> Plan:
+                   lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, times: dict | None = None,
+                   pinned: frozenset[str] = frozenset()) -> Plan:
     """Plan an already traced graph; when ``simulate``, check the plan with simulate_step and
-    tighten the DP's budget until the simulated step fits the requested budget."""
+    tighten the DP's budget until the simulated step fits the requested budget.
+    ``pinned`` nodes are never put in a recomputed segment."""
     budget_b = resolve_budget(budget)
     opts = PlanOptions(budget_bytes=budget_b, optimizer=optimizer, method=method,
                        lower_set_bound=lower_set_bound, times=times)
     scr = _graph_scratch(graph, scratch)
-    result = plan_graph(graph, opts, scratch=scr)
+    result = plan_graph(graph, opts, scratch=scr, pinned=pinned)
     if not simulate:
         return result
     vanilla = simulate_step(graph.gm, example_inputs, loss_fn=loss_fn, optimizer=optimizer, scratch=scratch).peak_bytes
@@ -56,7 +58,8 @@ def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "ada
             return result
         target = target - (sim - budget_b)       # the cost model was optimistic by this much
         try:
-            tighter = plan_graph(graph, dataclasses.replace(opts, budget_bytes=max(target, 1)), scratch=scr)
+            tighter = plan_graph(graph, dataclasses.replace(opts, budget_bytes=max(target, 1)), scratch=scr,
+                                 pinned=pinned)
         except BudgetError:
             break
         result = dataclasses.replace(tighter, budget_bytes=budget_b)

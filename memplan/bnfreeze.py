@@ -43,3 +43,20 @@ def frozen_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
     finally:
         for m in frozen:
             m.track_running_stats = True
+
+
+@contextlib.contextmanager
+def restored_buffers(module: nn.Module) -> Iterator[None]:
+    """On exit, every buffer of ``module`` holds again what it held on entry (copied back in place).
+
+    Used around recomputation of exported graphs (whose BatchNorm is an ATen op that always
+    updates its running statistics) and around trace validation, which must not change the model.
+    """
+    import torch
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, old in saved:
+                b.copy_(old)

@@ -46,6 +46,7 @@ class CostArrays:
     flops: np.ndarray
     succ_masks: tuple[int, ...]  # bitmask of successors (bit n = "outside": graph output)
     succ_lists: tuple[tuple[int, ...], ...]  # successor indices
+    pinned: np.ndarray         # nodes that must not be recomputed (e.g. reversible blocks that free their input)
     static_bytes: int
     n: int
 
@@ -64,8 +65,10 @@ def _to_bool(mask: int, n: int) -> np.ndarray:
 
 
 def build_costs(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, int] | None = None,
-                times: dict[str, float] | None = None) -> CostArrays:
-    """Cost vectors of ``graph``: FLOPs as node time unless ``times`` (name -> seconds) is given."""
+                times: dict[str, float] | None = None, pinned: frozenset[str] = frozenset()) -> CostArrays:
+    """Cost vectors of ``graph``: FLOPs as node time unless ``times`` (name -> seconds) is given.
+
+    Blocks that would recompute a ``pinned`` node are infeasible (their peak is infinite)."""
     n = len(graph)
     order = graph.order
     idx = {name: i for i, name in enumerate(order)}
@@ -108,7 +111,8 @@ def build_costs(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, 
               + graph.trainable_param_bytes * (1 + factor))
     succ_lists = tuple(tuple(idx[x] for x in graph.dag.successors(name)) for name in order)
     return CostArrays(out_b=out_b, needed_b=needed_b, extra_b=extra_b, work_b=work_b, scratch_b=scratch_b,
-                      flops=flops, succ_masks=tuple(succ), succ_lists=succ_lists, static_bytes=int(static), n=n)
+                      flops=flops, succ_masks=tuple(succ), succ_lists=succ_lists,
+                      pinned=np.array([nm in pinned for nm in order], dtype=bool), static_bytes=int(static), n=n)
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,10 @@ def block_cost(c: CostArrays, lower: int, upper: int) -> BlockCost:
     work = float((c.work_b + np.where(interior, c.out_b, 0.0))[v].max()) if v.any() else 0.0
     scr = float(c.scratch_b[v].max()) if v.any() else 0.0
     t = float(c.flops[v].sum()) if recompute else 0.0
-    return BlockCost(keep_b=keep, time=t, peak_b=keep + rebuilt + pending + work + scr, recompute=recompute)
+    peak = keep + rebuilt + pending + work + scr
+    if recompute and c.pinned[v].any():
+        peak = float("inf")
+    return BlockCost(keep_b=keep, time=t, peak_b=peak, recompute=recompute)
 
 
 def unneeded_inputs(c: CostArrays, lower: int, block: int) -> float:

@@ -83,6 +83,7 @@ class Family:
         work = (vf * (c.work_b[None, :] + interior * c.out_b[None, :])).max(axis=1) if len(targets) else np.zeros(0)
         scr = (vf * c.scratch_b[None, :]).max(axis=1) if len(targets) else np.zeros(0)
         peak = keep + rebuilt + self.pending[targets] + work + scr
+        peak = np.where(recompute & (v & c.pinned[None, :]).any(axis=1), np.inf, peak)
         time = np.where(recompute, vf @ c.flops, 0.0)
         tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=time, recompute=recompute)
         self._cache[a] = tr

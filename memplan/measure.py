@@ -68,30 +68,22 @@ def default_loss(output: Any) -> torch.Tensor:
 
 
 def run_steps(model: nn.Module, inputs: tuple, loss_fn: Callable | None, optimizer: str,
-              steps: int = 2, on_phase: Callable[[str], None] | None = None) -> None:
-    """Run ``steps`` training steps of ``model`` on ``inputs``."""
+              steps: int = 2, on_optimizer: Callable[[Any], None] | None = None) -> None:
+    """Run ``steps`` training steps of ``model`` on ``inputs``; ``on_optimizer`` sees the optimizer."""
     opt = make_optimizer(optimizer, list(model.parameters()))
+    if on_optimizer is not None:
+        on_optimizer(opt)
     loss_fn = loss_fn or default_loss
     for _ in range(steps):
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         else:
             model.zero_grad(set_to_none=True)
-        if on_phase:
-            on_phase("forward")
         loss = loss_fn(model(*inputs))
-        if on_phase:
-            on_phase("backward")
         loss.backward()
         del loss
         if opt is not None:
-            if on_phase:
-                on_phase("optimizer")
             opt.step()
-    _last_optimizer[0] = opt
-
-
-_last_optimizer: list[Any] = [None]
 
 
 # -- kernel scratch model --------------------------------------------------------------------------
@@ -109,8 +101,9 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
                        *, backward: bool) -> int:
     """Scratch of one CPU 3D convolution (see README, "kernel scratch"); 0 for other ranks.
 
-    PyTorch picks oneDNN when the input is float32 and (batch > 1, kernel > 3 in the last two dims,
-    groups > 1, or N*C*D*H > 20480); oneDNN reorders tensors into 16-channel blocks (forward: input
+    PyTorch picks oneDNN when the input is float32, (the kernel is not 1x1x1 unstrided, or batch >= 16,
+    or more than one thread) and (batch > 1, kernel > 3 in the last two dims, groups > 1, or
+    N*C*D*H > 20480); oneDNN reorders tensors into 16-channel blocks (forward: input
     when C_in >= 16, and output; backward: input, grad_input, grad_output). Otherwise slow_conv3d
     unfolds the input into N * C_in * prod(k) * prod(out spatial) elements; slow_conv_transpose3d
     builds N * C_out * prod(k) * prod(in spatial) columns plus a copy of the input.
@@ -126,7 +119,8 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
     else:
         c_out = w.shape[0]
         out_sp = [(spatial[i] + 2 * padding[i] - k[i]) // stride[i] + 1 for i in range(3)]
-    mkldnn = x.dtype == torch.float32 and (
+    pointwise = all(v == 1 for v in k) and all(v == 1 for v in stride) and not any(padding)
+    mkldnn = x.dtype == torch.float32 and (not pointwise or n >= 16 or torch.get_num_threads() > 1) and (
         groups > 1 or (k[-1] > 3 and k[-2] > 3) or n > 1 or n * c_in * spatial[0] * spatial[1] > 20480)
     if mkldnn:
         block = lambda c: 16 * math.ceil(c / 16)  # noqa: E731
@@ -135,6 +129,8 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
         return (2 * blocked_in + blocked_out) if backward else (blocked_in + blocked_out)
     if transposed:
         return n * c_out * math.prod(k) * math.prod(spatial) * esize + x.numel() * esize
+    if pointwise:
+        return 0   # a 1x1x1 slow convolution reads its input in place
     return n * c_in * math.prod(k) * math.prod(out_sp) * esize
 
 
@@ -210,9 +206,11 @@ def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | 
     params = list(mmodel.parameters())
     param_keys = {storage_key(p) for p in params} | {storage_key(b) for b in mmodel.buffers()}
 
+    holder: list[Any] = [None]
+
     def classify(sizes: dict[int, int]) -> dict[str, int]:
         grads = {storage_key(p.grad) for p in params if p.grad is not None}
-        opt = _last_optimizer[0]
+        opt = holder[0]
         state = set()
         if opt is not None:
             for st in opt.state.values():
@@ -228,10 +226,8 @@ def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | 
     for t in params + list(mmodel.buffers()) + list(inputs):
         if isinstance(t, torch.Tensor):
             mode.track(t)
-    _last_optimizer[0] = None
     with mode:
-        run_steps(mmodel, inputs, loss_fn, optimizer, steps=steps)
-    _last_optimizer[0] = None
+        run_steps(mmodel, inputs, loss_fn, optimizer, steps=steps, on_optimizer=lambda o: holder.__setitem__(0, o))
     return MemoryReport(peak_bytes=mode.peak, breakdown=mode.breakdown, timeline=mode.timeline,
                         method=f"simulated (scratch={scratch})", peak_op=mode.peak_op)
 
@@ -245,9 +241,9 @@ def measure_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | N
     """
     import copy
     device = torch.device(device)
-    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in as_tuple(example_inputs))
-    if any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs):
+    if any(t.is_meta for t in tensors_in(as_tuple(example_inputs))):
         raise MemplanError("measure_step needs real example inputs, got meta tensors; use simulate_step to predict")
+    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in as_tuple(example_inputs))
     work = copy.deepcopy(model).to(device)
     base = _storage_bytes(list(work.parameters()) + list(work.buffers()) + list(inputs))
     if device.type == "cuda":

@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .costmodel import CostArrays, block_cost, build_costs
 from .errors import BudgetError, MemplanError, PlanMismatchError
@@ -181,10 +181,13 @@ def chain_to_segments(graph: MemGraph, costs: CostArrays, chain: tuple[int, ...]
     return tuple(segments)
 
 
-def plan_graph(graph: MemGraph, opts: PlanOptions, *, scratch: dict[str, int] | None = None) -> Plan:
-    """Plan a traced graph: time-centric under ``opts.budget_bytes``, else memory-centric."""
+def plan_graph(graph: MemGraph, opts: PlanOptions, *, scratch: dict[str, int] | None = None,
+               pinned: frozenset[str] = frozenset()) -> Plan:
+    """Plan a traced graph: time-centric under ``opts.budget_bytes``, else memory-centric.
+
+    ``pinned`` nodes are never recomputed (each stays out of every checkpointed segment)."""
     t0 = time.perf_counter()
-    costs = build_costs(graph, optimizer=opts.optimizer, scratch=scratch, times=opts.times)
+    costs = build_costs(graph, optimizer=opts.optimizer, scratch=scratch, times=opts.times, pinned=pinned)
     family, method, why, count = choose_family(graph, costs, opts)
     vanilla = least_time(family, float("inf"), time_steps=opts.time_steps)
     if vanilla is None:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import copy
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -40,8 +41,16 @@ from torch.utils import _pytree as pytree
 from .errors import MemplanError
 from .reversible import ReversibleBlock, coupling_param_count, make_conv_bn_relu_coupling
 
-__all__ = ["RevCandidate", "RevReplacement", "RevEligibilityError", "find_rev_candidates",
-           "check_rev_candidate", "rev_ineligible_reasons", "substitute_rev", "default_free_input"]
+__all__ = [
+    "RevCandidate",
+    "RevEligibilityError",
+    "RevReplacement",
+    "check_rev_candidate",
+    "default_free_input",
+    "find_rev_candidates",
+    "rev_ineligible_reasons",
+    "substitute_rev",
+]
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu_)
 _GRAPH_INPUT_OPS = ("placeholder", "get_attr")

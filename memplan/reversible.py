@@ -8,29 +8,35 @@ Backward rebuilds the input from the output and backpropagates in the same pass:
 
     x2 = y2 - G(y1)              x1 = y1 - F(x2)
 
-so autograd keeps only the block's output. With ``free_input=True`` the block also releases its
-input's storage after forward and refills that same storage with the rebuilt input in backward,
-so a chain of blocks holds one activation however deep it is. The planner sets ``free_input``
-only when nothing else reads the input before this block's backward (no other consumer, nothing
-that saved it for backward, not a graph input); the block still never frees a leaf or a view.
+so autograd keeps only the block's output (one extra F and one extra G evaluation in backward).
+With ``free_input=True`` the block also releases its input's storage after forward and refills
+that same storage with the rebuilt input in backward, so a chain of blocks holds one activation
+however deep it is. Set it only when nothing reads the input between this block's forward and
+its backward except through the refill: no other consumer, not a graph input, and no op that
+saved it for backward unless that op is recomputed (checkpointed) or is itself a reversible
+block. A ReLU that saved its output and is not recomputed would read the rebuilt values, whose
+exact zeros come back as +-1e-7 and flip its mask: wrong gradients. The block never frees a
+leaf, a view, or anything when no graph is recorded (``torch.no_grad``).
 
-Rules for callers: backpropagate through a block once per forward (as autograd does), and never
-put a block with ``free_input=True`` inside a checkpointed segment (its recompute would read
-the freed input). The block is an fx leaf (:func:`is_reversible_leaf`): tracers must not inline it.
+Backward replays forward's RNG state (dropout) and autocast settings, and freezes BatchNorm
+running statistics (updated once, in forward). Never put a block with ``free_input=True``
+inside a checkpointed segment (the segment's recompute would read the freed input). The block
+is an fx leaf (:func:`is_reversible_leaf`); even a plain ``symbolic_trace`` records it as one
+``call_module``.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.autograd.function import once_differentiable
 
 from .bnfreeze import frozen_batchnorm_stats
 
-__all__ = ["ReversibleBlock", "is_reversible_leaf", "make_conv_bn_relu_coupling", "coupling_param_count"]
+__all__ = ["ReversibleBlock", "coupling_param_count", "is_reversible_leaf", "make_conv_bn_relu_coupling"]
 
 _RngState = tuple[torch.Tensor, torch.device | None, torch.Tensor | None]
 
@@ -70,6 +76,8 @@ class ReversibleBlock(nn.Module):
         return f"free_input={self.free_input}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, fx.Proxy):  # any fx tracer records the block as one call_module (a leaf)
+            return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
         _check_splittable(x)
         f_params = tuple(self.f.parameters())
         params = f_params + tuple(self.g.parameters())

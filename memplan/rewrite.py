@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Iterator
-
 import torch
 import torch.fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .bnfreeze import restored_buffers
 from .graph import MemGraph
 from .plan import Plan, check_plan
-
-
-@contextlib.contextmanager
-def _restored_buffers(module: nn.Module) -> Iterator[None]:
-    """Buffers (BatchNorm statistics) are put back as they were after a recomputation."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, old in saved:
-                b.copy_(old)
 
 
 class CheckpointSegment(nn.Module):
@@ -36,7 +23,7 @@ class CheckpointSegment(nn.Module):
         self.body = body
 
     def _contexts(self):
-        return contextlib.nullcontext(), _restored_buffers(self.body)
+        return contextlib.nullcontext(), restored_buffers(self.body)
 
     def forward(self, *args):
         if not torch.is_grad_enabled():

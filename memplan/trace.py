@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 
 from ._meta import as_tuple, is_meta, meta_copy, to_meta
 from .analyze import analyze
+from .bnfreeze import restored_buffers
 from .errors import TraceError
 from .graph import MemGraph
 
@@ -154,7 +155,7 @@ def _validate(model: nn.Module, gm: nn.Module, inputs: tuple, check_ops: bool) -
     else:
         m, g, x = meta_copy(model), meta_copy(gm), to_meta(inputs)
     rng = torch.get_rng_state()
-    with torch.no_grad():
+    with torch.no_grad(), restored_buffers(model):   # validation must leave BN statistics as they were
         eager_out, eager_ops = _run_counted(m, x)
         torch.set_rng_state(rng)
         traced_out, traced_ops = _run_counted(g, x)
