@@ -116,6 +116,31 @@ class _ScratchProbe(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _use_counts(n: torch.fx.Node) -> dict[str, int]:
+    """How many times node ``n`` reads each direct input (``x + x`` reads x twice)."""
+    counts: dict[str, int] = {}
+
+    def visit(a: torch.fx.Node) -> torch.fx.Node:
+        counts[a.name] = counts.get(a.name, 0) + 1
+        return a
+
+    torch.fx.map_arg((n.args, n.kwargs), visit)
+    return counts
+
+
+def _sources(gm: torch.fx.GraphModule, name: str, keep: set[str]) -> set[str]:
+    """Placeholder/get_attr names that node ``name`` reads directly or through non-tensor nodes."""
+    node = next(n for n in gm.graph.nodes if n.name == name)
+    out, stack = set(), list(node.all_input_nodes)
+    while stack:
+        a = stack.pop()
+        if a.op in ("placeholder", "get_attr"):
+            out.add(a.name)
+        elif a.name not in keep:
+            stack.extend(a.all_input_nodes)
+    return out
+
+
 def _target_name(n: torch.fx.Node) -> str:
     t = n.target
     if isinstance(t, str):
@@ -157,10 +182,17 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
             d |= {a.name} if a.name in keep else deps.get(a.name, set())
         deps[n.name] = d
         if n.name in keep:
+            uses = _use_counts(n)
             for a in d:
-                dag.add_edge(a, n.name)
+                dag.add_edge(a, n.name, uses=uses.get(a, 1))
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = tuple(sorted(deps[output_node.name], key=order.index))
+    shared = []   # readers of each graph input / parameter attribute, through non-tensor nodes
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            readers = [u for u in order if n.name in _sources(gm, u, keep)]
+            if len(readers) >= 3:
+                shared.append(tuple(readers))
     params = dict(gm.named_parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params.values())
     trainable = sum(p.numel() * p.element_size() for p in params.values() if p.requires_grad)
@@ -169,4 +201,4 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
     del result
     return MemGraph(gm=gm, dag=dag, order=order, outputs=outputs, input_bytes=input_bytes,
                     param_bytes=param_bytes, trainable_param_bytes=trainable, buffer_bytes=buffer_bytes,
-                    tracer=tracer, trace_notes=notes)
+                    tracer=tracer, trace_notes=notes, shared_reads=tuple(shared))

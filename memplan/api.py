@@ -16,6 +16,7 @@ from .measure import simulate_step
 from .plan import Plan, PlanOptions, check_plan, plan_graph, resolve_budget, with_simulation
 from .rewrite import rewrite
 from .trace import trace
+from .units import format_bytes
 
 #: How many times plan() re-plans with a tighter internal budget when simulation exceeds the budget.
 CALIBRATION_ROUNDS = 4
@@ -45,7 +46,27 @@ def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "ada
     opts = PlanOptions(budget_bytes=budget_b, optimizer=optimizer, method=method,
                        lower_set_bound=lower_set_bound, times=times)
     scr = _graph_scratch(graph, scratch)
-    result = plan_graph(graph, opts, scratch=scr, pinned=pinned)
+    try:
+        result = plan_graph(graph, opts, scratch=scr, pinned=pinned)
+    except BudgetError as err:
+        if not simulate:
+            raise
+        # The cost model is conservative: the least-memory plan may still fit once simulated.
+        least = plan_graph(graph, dataclasses.replace(opts, budget_bytes=None), scratch=scr, pinned=pinned)
+        sim = simulate_step(rewrite(graph, least), example_inputs, loss_fn=loss_fn, optimizer=optimizer,
+                            scratch=scratch).peak_bytes
+        if sim > budget_b:
+            raise BudgetError(
+                f"budget {format_bytes(budget_b)} is below the smallest feasible peak {format_bytes(sim)} "
+                f"(the least-memory plan, simulated; optimizer {optimizer}); raise the budget to at least "
+                f"{format_bytes(sim)}, use a smaller input or batch, or a lighter optimizer",
+                budget_bytes=budget_b, min_feasible_bytes=sim) from None
+        vanilla = simulate_step(graph.gm, example_inputs, loss_fn=loss_fn, optimizer=optimizer,
+                                scratch=scratch).peak_bytes
+        note = (f"budget is below the cost model's floor {format_bytes(err.min_feasible_bytes)}; "
+                "the least-memory plan meets it in simulation")
+        return with_simulation(dataclasses.replace(least, budget_bytes=budget_b, objective="time-centric",
+                                                   notes=least.notes + (note,)), sim, vanilla)
     if not simulate:
         return result
     vanilla = simulate_step(graph.gm, example_inputs, loss_fn=loss_fn, optimizer=optimizer, scratch=scratch).peak_bytes
@@ -64,8 +85,9 @@ def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "ada
             break
         result = dataclasses.replace(tighter, budget_bytes=budget_b)
     raise BudgetError(
-        f"no plan found whose simulated step fits the budget {budget_b} B: the best simulates at "
-        f"{result.simulated_peak_bytes} B; raise the budget to at least {result.simulated_peak_bytes} B",
+        f"budget {format_bytes(budget_b)} is below the smallest feasible peak found: the best plan simulates "
+        f"at {format_bytes(result.simulated_peak_bytes)}; raise the budget to at least "
+        f"{format_bytes(result.simulated_peak_bytes)}",
         budget_bytes=budget_b, min_feasible_bytes=int(result.simulated_peak_bytes or 0))
 
 

@@ -87,8 +87,12 @@ def build_costs(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, 
             if s in idx:
                 saved_roots.add(root[idx[s]])
     outputs = set(graph.outputs)
-    needed_b = np.array([out_b[i] if (root[i] in saved_roots or order[i] in outputs) else 0.0 for i in range(n)])
-    extra_b = np.array([graph.info(nm).saved_extra_bytes for nm in order], dtype=np.float64)
+    # a dead node (no reader, not an output) is cut from autograd's graph at once: nothing of it is kept
+    dead = [graph.dag.out_degree(nm) == 0 and nm not in outputs for nm in order]
+    needed_b = np.array([out_b[i] if (root[i] in saved_roots or order[i] in outputs) and not dead[i] else 0.0
+                         for i in range(n)])
+    extra_b = np.array([0 if dead[i] else graph.info(nm).saved_extra_bytes for i, nm in enumerate(order)],
+                       dtype=np.float64)
     work_b = np.zeros(n)
     for name in order:
         for p in graph.dag.predecessors(name):
@@ -103,7 +107,7 @@ def build_costs(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, 
         m = 0
         for s in graph.dag.successors(name):
             m |= 1 << idx[s]
-        if name in outputs:
+        if name in outputs or graph.dag.out_degree(name) == 0:   # outputs and dead nodes: always boundary
             m |= 1 << n
         succ.append(m)
     factor = OPTIMIZER_STATE_FACTOR[optimizer]

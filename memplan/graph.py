@@ -68,6 +68,8 @@ class MemGraph:
     buffer_bytes: int
     tracer: str
     trace_notes: tuple[str, ...] = ()
+    #: nodes reading one graph input or parameter (groups of 3 or more); see order_compatible()
+    shared_reads: tuple[tuple[str, ...], ...] = ()
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +156,30 @@ class MemGraph:
                             nxt.append(t)
             frontier = nxt
         return sorted(seen, key=lambda m: (m.bit_count(), m))
+
+    def consumer_groups(self) -> list[list[int]]:
+        """Index lists (sorted) of the readers of each value read 3 or more times (by 2 or more nodes)."""
+        groups = []
+        for n in self.order:
+            readers = sorted(self._index[s] for s in self.dag.successors(n))
+            uses = sum(self.dag.edges[n, self.order[r]].get("uses", 1) for r in readers) + (n in self.outputs)
+            if uses >= 3 and len(readers) >= 2:
+                groups.append(readers)
+        groups += [sorted(self._index[s] for s in g) for g in self.shared_reads]
+        return groups
+
+    def order_compatible(self, mask: int, groups: list[list[int]] | None = None) -> bool:
+        """Whether running ``mask`` before the rest keeps every multi-reader value's readers in fx order.
+
+        Autograd sums a value's gradient contributions in reverse creation order of its readers;
+        with 3 or more readers a different order rounds differently, so a plan may only move a
+        reader ahead of an earlier one if it wants bitwise-equal gradients.
+        """
+        for g in self.consumer_groups() if groups is None else groups:
+            inside = [(mask >> i) & 1 for i in g]
+            if any(b and not a for a, b in zip(inside, inside[1:])):
+                return False
+        return True
 
     def count_lower_sets(self, bound: int = DEFAULT_LOWER_SET_BOUND) -> int | None:
         """Number of lower sets, or None when it exceeds ``bound``."""

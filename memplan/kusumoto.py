@@ -1,7 +1,8 @@
 """Kusumoto DP over lower sets: least recompute time under a memory budget, or least memory.
 
-Exact DP iterates over every lower set of the graph; approximate DP over the n + 2 sets
-{}, "v plus its ancestors" for every v, and V. Both use memplan.costmodel for block costs.
+Exact DP iterates over every lower set of the graph; approximate DP over the sets {}, V,
+"v plus its ancestors" for every v (Kusumoto's n + 2), and the n prefixes of the fx order (so the
+unplanned, recompute-nothing chain is always available). Both use memplan.costmodel for block costs.
 
 The recurrence (state = lower set L and integer-scaled overhead t; value = least kept bytes):
 

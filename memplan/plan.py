@@ -157,12 +157,17 @@ def choose_family(graph: MemGraph, costs: CostArrays, opts: PlanOptions) -> tupl
         sets = graph.lower_sets(bound)
         if sets is None and opts.method == "exact":
             raise MemplanError(f"graph has more than {bound} lower sets; exact DP is unaffordable, use method='approx'")
+    groups = graph.consumer_groups()
     if sets is not None:
         why = ("requested" if opts.method == "exact"
                else f"{len(sets)} lower sets <= bound {opts.lower_set_bound}")
-        return Family(costs, sets), "exact", why, len(sets)
+        usable = [m for m in sets if graph.order_compatible(m, groups)]
+        if len(usable) < len(sets):
+            why += f"; {len(sets) - len(usable)} set(s) would reorder a 3-reader value's gradient sum"
+        return Family(costs, usable), "exact", why, len(sets)
     full = (1 << len(graph)) - 1
-    masks = [0, full] + graph.ancestor_masks()
+    prefixes = [(1 << (i + 1)) - 1 for i in range(len(graph))]   # fx-order prefixes: the vanilla chain
+    masks = [m for m in [0, full] + graph.ancestor_masks() + prefixes if graph.order_compatible(m, groups)]
     why = "requested" if opts.method == "approx" else f"more than {opts.lower_set_bound} lower sets"
     return Family(costs, masks), "approx", why, None
 

@@ -113,7 +113,9 @@ class _ReversibleCoupling(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, block: ReversibleBlock, n_f: int, *params: torch.Tensor) -> torch.Tensor:
         ctx.block, ctx.n_f = block, n_f
         ctx.autocast = _capture_autocast(x.device)
-        x1, x2 = x.chunk(2, dim=1)
+        # detached halves: views of x made here would claim requires_grad without a grad_fn, which
+        # breaks module hooks that look for one (FlopCounterMode's module tracker, used by analyze)
+        x1, x2 = x.detach().chunk(2, dim=1)
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         y1, y2 = y.chunk(2, dim=1)
         ctx.rng_f = _capture_rng(x.device) if block.preserve_rng_state else None
@@ -141,19 +143,41 @@ class _ReversibleCoupling(torch.autograd.Function):
         params = tuple(block.f.parameters()) + tuple(block.g.parameters())
         y1, y2 = y.chunk(2, dim=1)
         dy1, dy2 = grad_y.chunk(2, dim=1)
+        # the input gradient is written into one buffer in halves (no temporaries, no concatenation)
+        grad_x = torch.empty_like(grad_y, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
+        dx1, dx2 = grad_x.chunk(2, dim=1) if grad_x is not None else (torch.empty_like(dy1), None)
         with torch.enable_grad(), frozen_batchnorm_stats([block.f, block.g]), _replayed_autocast(ctx.autocast):
-            # G first: dL/dy1 gains G's contribution, and x2 = y2 - G(y1).
+            # G first: dL/dy1 = dy1 + G'(y1)^T dy2, and x2 = y2 - G(y1).
             gy1, (d_y1_from_g, *g_grads) = _vjp(block.g, y1, params[n_f:], dy2, ctx.rng_g)
-            dy1_total = dy1 + d_y1_from_g
-            x2 = y2 - gy1 if x_kept is None else x_kept.chunk(2, dim=1)[1]
-            del gy1, d_y1_from_g
+            with torch.no_grad():
+                torch.add(dy1, d_y1_from_g, out=dx1)
+            del d_y1_from_g
+            x2 = _rebuild_x2(ctx, y2, gy1, x_kept)
+            del gy1
             # then F: dL/dx2 = dy2 + F'(x2)^T dL/dy1, and x1 = y1 - F(x2).
-            fx2, (d_x2_from_f, *f_grads) = _vjp(block.f, x2, params[:n_f], dy1_total, ctx.rng_f)
-        if ctx.input_handle is not None:  # once: a retain_graph re-run finds the input refilled already
-            _refill(ctx.input_handle, y1 - fx2, x2)
-            ctx.input_handle = None
-        grad_x = torch.cat([dy1_total, dy2 + d_x2_from_f], dim=1) if ctx.needs_input_grad[0] else None
+            fx2, (d_x2_from_f, *f_grads) = _vjp(block.f, x2, params[:n_f], dx1, ctx.rng_f)
+        with torch.no_grad():
+            if dx2 is not None:
+                torch.add(dy2, d_x2_from_f, out=dx2)
+            if ctx.input_handle is not None:  # once: a retain_graph re-run finds the input refilled already
+                torch.sub(y1, fx2, out=ctx.input_handle.chunk(2, dim=1)[0])
+                ctx.input_handle = None
         return (grad_x, None, None, *f_grads, *g_grads)
+
+
+def _rebuild_x2(ctx, y2: torch.Tensor, gy1: torch.Tensor, x_kept: torch.Tensor | None) -> torch.Tensor:
+    """x2: the kept input's half; else y2 - G(y1), written straight into the refilled input storage
+    (when the input was freed) or over G(y1)'s own buffer (bitwise the same difference)."""
+    if x_kept is not None:
+        return x_kept.chunk(2, dim=1)[1]
+    with torch.no_grad():
+        if ctx.input_handle is not None:
+            handle = ctx.input_handle
+            handle.untyped_storage().resize_(handle.numel() * handle.element_size())
+            return torch.sub(y2, gy1, out=handle.chunk(2, dim=1)[1])
+        if gy1.untyped_storage()._cdata == y2.untyped_storage()._cdata:  # G returned a view of y1
+            return y2 - gy1
+        return torch.sub(y2, gy1, out=gy1)
 
 
 def _vjp(fn: nn.Module, inp: torch.Tensor, params: Sequence[torch.Tensor], grad_out: torch.Tensor,
@@ -183,15 +207,6 @@ def _untracked_alias(x: torch.Tensor) -> torch.Tensor:
     """A tensor on x's storage with its own version counter: writing it trips no saved-tensor check."""
     alias = torch.empty(0, dtype=x.dtype, device=x.device)
     return alias.set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
-
-
-def _refill(handle: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor) -> None:
-    """Give the freed input storage back its bytes and write the rebuilt input into it."""
-    handle.untyped_storage().resize_(handle.numel() * handle.element_size())
-    with torch.no_grad():
-        h1, h2 = handle.chunk(2, dim=1)
-        h1.copy_(x1)
-        h2.copy_(x2)
 
 
 def _capture_rng(device: torch.device) -> _RngState | None:

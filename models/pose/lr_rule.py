@@ -1,0 +1,48 @@
+"""V2 Eq. 7: give the two predicted limb groups their sides from head landmarks 1, 4 and 6.
+
+Pair Loss trains the arm (and leg) groups without telling which is left, so at inference
+Ang = (V_{1->4} x V_{1->6}) . V_{s1->s2} decides: Ang <= 0 means the group of s1 is the left one.
+V_{1->4} x V_{1->6} (crown to nasal bone, crown to hind neck) is the mid-sagittal normal pointing to
+the fetus's left, so this holds for a true pose. A positive diagonal scaling (voxels vs mm) multiplies
+Ang by the determinant only, so the rule works in either coordinate system.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from models.pose.landmarks import V2_LANDMARKS, V2_LIMB_PAIRS
+
+__all__ = ["side_angle", "assign_sides"]
+
+_CROWN, _NASAL, _HIND_NECK = V2_LANDMARKS.channels(1, 4, 6)
+
+
+def side_angle(points: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Eq. 7's Ang for joints ``a`` -> ``b`` of (..., L, 3) ``points`` (V2 order), shape (...).
+
+    >>> p = np.zeros((22, 3)); p[3] = [-1, 1, 0]; p[5] = [-1, -1, 0]    # crown at 0, face +y, neck -y
+    >>> p[10], p[13] = [0, 0, 1], [0, 0, -1]                           # shoulders at +z (left), -z
+    >>> float(side_angle(p, 10, 13))
+    -4.0
+    """
+    p = np.asarray(points, dtype=np.float64)
+    normal = np.cross(p[..., _NASAL, :] - p[..., _CROWN, :], p[..., _HIND_NECK, :] - p[..., _CROWN, :])
+    return np.einsum("...k,...k->...", normal, p[..., b, :] - p[..., a, :])
+
+
+def assign_sides(points: np.ndarray,
+                 limb_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] = V2_LIMB_PAIRS) -> np.ndarray:
+    """``points`` (..., L, 3) with each (left, right) group pair swapped where Eq. 7 says so.
+
+    The first channel of each group is its root joint (shoulder, hip), the landmark Eq. 7 uses.
+    """
+    out = np.array(points, dtype=np.float64, copy=True)
+    for left, right in limb_pairs:
+        left, right = list(left), list(right)
+        swap = side_angle(out, left[0], right[0]) > 0            # Ang > 0: s1 is the right one
+        a, b = out[..., left, :].copy(), out[..., right, :].copy()
+        out[..., left, :] = np.where(swap[..., None, None], b, a)
+        out[..., right, :] = np.where(swap[..., None, None], a, b)
+    return out
