@@ -11,10 +11,19 @@ For block V = L' minus L with interior I = V minus B(L'):
                  + [recompute] sum out(u in B(L), need(u) = 0, succ(u) meets V)  # checkpoint inputs
   time(V)      = flops(V) if recompute(V) else 0                           # what checkpoint re-runs
   peak(V)      = static + kept_before + keep(V)
-                 + [recompute] (sum out(v in I that autograd saves) + extra(V))   # rebuilt for backward
-                 + sum out(B(L'))                                          # pending gradients
-                 + max over v in V of ([v in I] out(v) + sum out(pred v))  # one node's backward
-                 + max over v in V of scratch(v)                           # kernel scratch
+                 + grads(B(L') minus O)                                    # gradients pending past V
+                 + max over v in V of (                                    # while v's backward runs:
+                     [recompute] (sum over u in I with first_saver(u) <= v of need(u)   # still rebuilt
+                                  + sum over u in V, u <= v of extra(u))
+                     + sum over b in O, b <= v of out(b)                   # V's outputs' gradients
+                     + [v in I] out(v) + sum out(pred v)                   # its gradient in and out
+                     + scratch(v))                                         # kernel scratch
+  where O = nodes of B(L') & V that own their gradient buffer.
+
+``grads(B)`` sums the gradient buffers of B's nodes: a node read by a concatenation outside L'
+receives a slice of the concatenation's gradient, which keeps that whole buffer alive (counted once).
+Backward visits V in reverse graph order; a rebuilt value is freed once the earliest node that
+saved it (``first_saver``, in graph order) has run its backward.
 
 ``out`` counts a node's storage (a view or in-place op counts its root's); ``need`` is ``out`` when
 some node's backward saves that storage (measured with saved-tensor hooks: a BatchNorm output read
@@ -31,6 +40,7 @@ import numpy as np
 
 from .graph import MemGraph
 
+_CONCAT_TARGETS = {"cat", "concat", "concatenate", "cat.default", "concat.default"}
 OPTIMIZER_STATE_FACTOR = {"adam": 2, "sgd-momentum": 1, "sgd": 0, "none": 0}
 
 
@@ -47,6 +57,8 @@ class CostArrays:
     succ_masks: tuple[int, ...]  # bitmask of successors (bit n = "outside": graph output)
     succ_lists: tuple[tuple[int, ...], ...]  # successor indices
     pinned: np.ndarray         # nodes that must not be recomputed (e.g. reversible blocks that free their input)
+    first_saver: np.ndarray    # index of the earliest node whose backward needs a node's output (itself if none)
+    grad_owner: tuple[int, ...]  # node whose gradient buffer holds this node's gradient (a reading cat, or itself)
     static_bytes: int
     n: int
 
@@ -87,6 +99,21 @@ def build_costs(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, 
             if s in idx:
                 saved_roots.add(root[idx[s]])
     outputs = set(graph.outputs)
+    first_saver = np.arange(n)
+    savers: dict[int, list[int]] = {}
+    for i, name in enumerate(order):
+        for s in graph.info(name).saved_from:
+            if s in idx:
+                savers.setdefault(root[idx[s]], []).append(i)
+    for i in range(n):
+        cands = [w for w in savers.get(root[i], []) if w >= i]
+        if cands:
+            first_saver[i] = min(cands)
+    grad_owner = list(range(n))
+    for i, name in enumerate(order):
+        cats = [idx[x] for x in graph.dag.successors(name) if graph.info(x).target in _CONCAT_TARGETS]
+        if cats:
+            grad_owner[i] = min(cats, key=lambda j: out_b[j])
     # a dead node (no reader, not an output) is cut from autograd's graph at once: nothing of it is kept
     dead = [graph.dag.out_degree(nm) == 0 and nm not in outputs for nm in order]
     needed_b = np.array([out_b[i] if (root[i] in saved_roots or order[i] in outputs) and not dead[i] else 0.0
@@ -116,7 +143,9 @@ def build_costs(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, 
     succ_lists = tuple(tuple(idx[x] for x in graph.dag.successors(name)) for name in order)
     return CostArrays(out_b=out_b, needed_b=needed_b, extra_b=extra_b, work_b=work_b, scratch_b=scratch_b,
                       flops=flops, succ_masks=tuple(succ), succ_lists=succ_lists,
-                      pinned=np.array([nm in pinned for nm in order], dtype=bool), static_bytes=int(static), n=n)
+                      pinned=np.array([nm in pinned for nm in order], dtype=bool), first_saver=first_saver,
+                      grad_owner=tuple(grad_owner),
+                      static_bytes=int(static), n=n)
 
 
 @dataclass(frozen=True)
@@ -138,15 +167,35 @@ def block_cost(c: CostArrays, lower: int, upper: int) -> BlockCost:
     keep = float(c.needed_b[v & b_upper].sum()) + (0.0 if recompute else float(c.extra_b[v].sum()))
     if recompute:
         keep += unneeded_inputs(c, lower, upper & ~lower)
-    rebuilt = float(c.needed_b[interior].sum() + c.extra_b[v].sum()) if recompute else 0.0
-    pending = float(c.out_b[b_upper].sum())
-    work = float((c.work_b + np.where(interior, c.out_b, 0.0))[v].max()) if v.any() else 0.0
-    scr = float(c.scratch_b[v].max()) if v.any() else 0.0
+    own = v & b_upper & (np.array(c.grad_owner) == np.arange(n))
+    pending = pending_grads(c, c.boundary(upper)) - float(c.out_b[own].sum())
+    rebuilt_from_outputs = np.where(own, c.out_b, 0.0)
+    rebuilt_from = np.zeros(n)         # rebuilt bytes that stay alive until node j's backward
+    if recompute:
+        for u in np.nonzero(interior)[0]:
+            rebuilt_from[c.first_saver[u]] += c.needed_b[u]
+        rebuilt_from += np.where(v, c.extra_b, 0.0)
+    inner, rebuilt = 0.0, 0.0
+    for i in range(n):                 # graph order
+        rebuilt += rebuilt_from[i] + rebuilt_from_outputs[i]
+        if v[i]:
+            here = rebuilt + (c.out_b[i] if interior[i] else 0.0) + c.work_b[i] + c.scratch_b[i]
+            inner = max(inner, float(here))
     t = float(c.flops[v].sum()) if recompute else 0.0
-    peak = keep + rebuilt + pending + work + scr
+    peak = keep + pending + inner
     if recompute and c.pinned[v].any():
         peak = float("inf")
     return BlockCost(keep_b=keep, time=t, peak_b=peak, recompute=recompute)
+
+
+def pending_grads(c: CostArrays, boundary: int) -> float:
+    """Bytes of the gradient buffers of the boundary nodes (a cat's buffer once for all its inputs)."""
+    owners = set()
+    for u in range(c.n):
+        if boundary >> u & 1:
+            g = c.grad_owner[u]
+            owners.add(g if not (boundary >> g & 1) or g == u else u)
+    return float(sum(c.out_b[g] for g in owners))
 
 
 def unneeded_inputs(c: CostArrays, lower: int, block: int) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .costmodel import CostArrays
+from .costmodel import CostArrays, pending_grads
 
 _INF = np.inf
 
@@ -47,8 +47,9 @@ class Family:
         self.bits = bits
         self.bnd = np.array([[(b >> i) & 1 for i in range(n)] for b in map(costs.boundary, self.masks)],
                             dtype=bool).reshape(len(self.masks), n)
-        self.pending = self.bnd.astype(np.float64) @ costs.out_b
+        self.pending = np.array([pending_grads(costs, b) for b in map(costs.boundary, self.masks)])
         self.sizes = bits.sum(axis=1)
+        self._self_owned = np.array(costs.grad_owner) == np.arange(n)
         self._cache: dict[int, Transitions] = {}
 
     def __len__(self) -> int:
@@ -80,10 +81,15 @@ class Family:
         extra = vf @ c.extra_b
         keep = (v & b).astype(np.float64) @ c.needed_b + np.where(recompute, 0.0, extra)
         keep = keep + np.where(recompute, self._unneeded_inputs(a, v), 0.0)
-        rebuilt = np.where(recompute, interior.astype(np.float64) @ c.needed_b + extra, 0.0)
-        work = (vf * (c.work_b[None, :] + interior * c.out_b[None, :])).max(axis=1) if len(targets) else np.zeros(0)
-        scr = (vf * c.scratch_b[None, :]).max(axis=1) if len(targets) else np.zeros(0)
-        peak = keep + rebuilt + self.pending[targets] + work + scr
+        per_node = v * c.extra_b[None, :]
+        np.add.at(per_node, (slice(None), c.first_saver), interior * c.needed_b[None, :])
+        per_node = per_node * recompute[:, None]
+        own = v & b & self._self_owned[None, :]               # outputs of V whose gradient dies inside V
+        per_node = per_node + own * c.out_b[None, :]
+        rebuilt_at = np.cumsum(per_node, axis=1)                                # graph order = fx order
+        here = rebuilt_at + interior * c.out_b[None, :] + c.work_b[None, :] + c.scratch_b[None, :]
+        inner = np.where(v, here, -np.inf).max(axis=1) if len(targets) else np.zeros(0)
+        peak = keep + self.pending[targets] - own.astype(np.float64) @ c.out_b + inner
         peak = np.where(recompute & (v & c.pinned[None, :]).any(axis=1), np.inf, peak)
         time = np.where(recompute, vf @ c.flops, 0.0)
         tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=time, recompute=recompute)

@@ -32,7 +32,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import networkx as nx
 import torch
 from torch import nn
 
@@ -50,8 +49,8 @@ from .rewrite import rewrite
 from .trace import register_leaf, trace
 from .units import format_bytes
 
-__all__ = ["RevOutcome", "convert_partition", "free_input_flags", "plan_with_rev", "rebuild_rev_graph",
-           "rev_only_plan"]
+__all__ = ["RevComparison", "RevOutcome", "chain_violation", "compare_rev", "convert_partition", "free_input_flags",
+           "plan_with_rev", "rebuild_rev_graph", "rev_only_plan"]
 
 register_leaf(is_reversible_leaf)  # a substituted network re-traced keeps each block as one node
 
@@ -107,37 +106,44 @@ class _Context:
 # The paper's conversion G_S -> G'_S and the free-input rule
 # ---------------------------------------------------------------------------------------------
 
-def convert_partition(segments: Sequence[Sequence[str]], dag: nx.DiGraph, candidates: Sequence[RevCandidate],
+def convert_partition(segments: Sequence[Sequence[str]], order: Sequence[str], candidates: Sequence[RevCandidate],
                       rev_node: Mapping[str, str]) -> list[tuple[str, ...]]:
     """FetusMapV2's G'_S: each candidate's nodes leave their segments and its REV node becomes a singleton
-    segment, placed where the segment holding the candidate's ReLU splits into the nodes that do not
-    depend on the ReLU and those that do (``dag`` is the original graph's).
+    segment. The segment holding the candidate's ReLU splits where the block sits in ``order`` (the
+    original graph's fx order; the block takes its conv's place): the nodes before it, the block, the
+    rest. Every prefix stays a lower set and the split segment keeps fx order.
 
-    >>> g = nx.DiGraph([("a", "conv"), ("conv", "bn"), ("bn", "relu"), ("relu", "b"), ("a", "c")])
     >>> c = type("C", (), {"name": "p", "conv_node": "conv", "bn_node": "bn", "relu_node": "relu"})
-    >>> convert_partition([("a",), ("conv", "bn", "c", "relu", "b")], g, [c], {"p": "rev"})
-    [('a',), ('c',), ('rev',), ('b',)]
+    >>> convert_partition([("a",), ("d", "conv", "bn", "c", "relu", "b")], ["a", "d", "conv", "bn", "c", "relu", "b"],
+    ...                   [c], {"p": "rev"})
+    [('a',), ('d',), ('rev',), ('c', 'b')]
     """
+    position = {name: i for i, name in enumerate(order)}
     segs = [list(s) for s in segments]
     for c in candidates:
         removed = {c.conv_node, c.bn_node, c.relu_node}
         k = next(i for i, s in enumerate(segs) if c.relu_node in s)
-        after = nx.descendants(dag, c.relu_node)
-        pre = [n for n in segs[k] if n not in removed and n not in after]
-        post = [n for n in segs[k] if n not in removed and n in after]
+        at = position[c.conv_node]
+        kept = [n for n in segs[k] if n not in removed]
+        pre = [n for n in kept if n in position and position[n] < at]
+        post = [n for n in kept if n not in position or position[n] > at]
         segs = [[n for n in s if n not in removed] for s in segs[:k]] + [pre, [rev_node[c.name]], post] + segs[k + 1:]
     return [tuple(s) for s in segs if s]
 
 
 def chain_violation(graph: MemGraph, segments: Sequence[Sequence[str]]) -> str:
-    """'' when the segments partition ``graph`` and every prefix is a lower set; else what is wrong."""
+    """'' when the segments partition ``graph``, every prefix is a lower set, and no prefix reorders the
+    readers of a value read 3 or more times (their gradient sum would round differently); else why not."""
     seen: set[str] = set()
+    groups = graph.consumer_groups()
     for i, seg in enumerate(segments):
         seen |= set(seg)
         for name in seg:
             missing = [p for p in graph.dag.predecessors(name) if p not in seen]
             if missing:
                 return f"segment {i} runs {name} before its input {missing[0]}"
+        if seen <= set(graph.order) and not graph.order_compatible(graph.mask_of(seen), groups):
+            return f"segment {i} would reorder the gradient sum of a value read 3 or more times"
     if seen != set(graph.order) or sum(map(len, segments)) != len(graph):
         return "the segments do not partition the graph's nodes"
     return ""
@@ -191,7 +197,7 @@ def _rate(ctx: _Context, label: str, names: Sequence[str], segments: Sequence[Se
     """Substitute ``names``, lay ``segments`` on the result, decide free_input, simulate; or why not."""
     graph, reps, rev_node = ctx.substitute(names)
     pinned = frozenset(rev_node.values())
-    segs = convert_partition(segments, ctx.graph.dag, ctx.chosen(names), rev_node) if names else list(segments)
+    segs = convert_partition(segments, ctx.graph.order, ctx.chosen(names), rev_node) if names else list(segments)
     why = chain_violation(graph, segs)
     if why:
         return why
@@ -320,6 +326,47 @@ def _context(model: nn.Module, example_inputs: Any, optimizer: str, loss_fn, scr
                     optimizer=optimizer, loss_fn=loss_fn, scratch=_scratch_model(model, inputs, scratch), seed=seed)
 
 
+@dataclass(frozen=True)
+class RevComparison:
+    """Every configuration plan_with_rev rated, with the time each stage took."""
+    gcp: RevOutcome                      # step 1: GCP only
+    heuristic: RevOutcome                # steps 2-3: FetusMapV2's greedy on the GCP partition
+    joint: tuple[RevOutcome, ...]        # DP re-plans of substituted graphs
+    best: RevOutcome
+    notes: tuple[str, ...]
+    stage_time_s: tuple[tuple[str, float], ...]
+    context: _Context = dataclasses.field(repr=False, compare=False)
+
+
+def compare_rev(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
+                method: str = "auto", loss_fn=None, scratch: str | None = None,
+                lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, seed: int = REV_SEED,
+                search: bool = True) -> RevComparison:
+    """Run step 1, the heuristic and the joint stage; rank them (see :func:`plan_with_rev`)."""
+    budget_b = resolve_budget(budget)
+    times, t = [], time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t
+        times.append((stage, time.perf_counter() - t))
+        t = time.perf_counter()
+
+    ctx = _context(model, example_inputs, optimizer, loss_fn, scratch, seed)
+    lap("trace and find candidates")
+    gcp = _gcp_step(ctx, budget_b, method, lower_set_bound)
+    lap("GCP plan")
+    heuristic, log = _greedy(ctx, gcp, "FetusMapV2 heuristic")
+    lap("heuristic")
+    joint, joint_notes = _joint_stage(ctx, heuristic.names, budget_b, method, lower_set_bound, search)
+    lap("joint re-plan")
+    best = min([heuristic, *joint], key=_ranking(budget_b))
+    notes = (f"step 1, GCP only ({gcp.plan.objective}): simulated {_fmt(gcp)}",
+             f"FetusMapV2 heuristic (GCP partition kept, {len(heuristic.names)} REV): simulated {_fmt(heuristic)}",
+             *joint_notes, f"chose: {best.label}", *log)
+    return RevComparison(gcp=gcp, heuristic=heuristic, joint=tuple(joint), best=best, notes=notes,
+                         stage_time_s=tuple(times), context=ctx)
+
+
 def plan_with_rev(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
                   method: str = "auto", loss_fn=None, scratch: str | None = None,
                   lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, seed: int = REV_SEED,
@@ -333,22 +380,16 @@ def plan_with_rev(model: nn.Module, example_inputs: Any, *, budget: Any = None, 
     """
     t0 = time.perf_counter()
     budget_b = resolve_budget(budget)
-    ctx = _context(model, example_inputs, optimizer, loss_fn, scratch, seed)
-    gcp = _gcp_step(ctx, budget_b, method, lower_set_bound)
-    heuristic, log = _greedy(ctx, gcp, "FetusMapV2 heuristic")
-    joint, joint_notes = _joint_stage(ctx, heuristic.names, budget_b, method, lower_set_bound, search)
-    options = [heuristic, *joint]
-    best = min(options, key=_ranking(budget_b))
+    cmp = compare_rev(model, example_inputs, budget=budget_b, optimizer=optimizer, method=method,
+                           loss_fn=loss_fn, scratch=scratch, lower_set_bound=lower_set_bound, seed=seed, search=search)
+    best = cmp.best
     if budget_b is not None and best.simulated_peak_bytes > budget_b:
-        reach = min(o.simulated_peak_bytes for o in options)
+        reach = min(o.simulated_peak_bytes for o in (cmp.heuristic, *cmp.joint))
         raise BudgetError(
             f"no GCP+REV plan fits the budget {format_bytes(budget_b)}: the best simulates at {format_bytes(reach)} "
-            f"({reach} B); raise the budget to at least {reach} B or use a smaller input",
+            f"({reach} B); raise the budget to at least {format_bytes(reach)} or use a smaller input",
             budget_bytes=int(budget_b), min_feasible_bytes=int(reach), rev_min_bytes=int(reach))
-    notes = [f"step 1, GCP only ({gcp.plan.objective}): simulated {_fmt(gcp)}",
-             f"FetusMapV2 heuristic (GCP partition kept, {len(heuristic.names)} REV): simulated {_fmt(heuristic)}",
-             *joint_notes, f"chose: {best.label}", *log]
-    return _final_plan(ctx, best, gcp.plan, notes, time.perf_counter() - t0), best.graph
+    return _final_plan(cmp.context, best, cmp.gcp.plan, cmp.notes, time.perf_counter() - t0), best.graph
 
 
 def _ranking(budget: int | None) -> Callable[[RevOutcome], tuple]:
