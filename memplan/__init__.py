@@ -12,16 +12,19 @@ from .api import compile, plan
 from .errors import BudgetError, MemplanError, PlanMismatchError, TraceError
 from .graph import MemGraph, NodeInfo
 from .measure import MemoryReport, measure_step, simulate_step
-from .plan import Plan, Segment
+from .plan import Plan, RevReplacementRecord, Segment
+from .reversible import ReversibleBlock, is_reversible_leaf
 from .trace import register_leaf, trace
 from .units import format_bytes, parse_bytes
+
+register_leaf(is_reversible_leaf)   # a reversible block is one node of the graph, never inlined
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BudgetError", "MemplanError", "PlanMismatchError", "TraceError",
     "MemGraph", "NodeInfo", "MemoryReport",
-    "Plan", "Segment", "plan", "compile",
+    "Plan", "Segment", "RevReplacementRecord", "ReversibleBlock", "plan", "compile",
     "trace", "register_leaf", "simulate_step", "measure_step",
     "format_bytes", "parse_bytes",
 ]

@@ -202,3 +202,39 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
     return MemGraph(gm=gm, dag=dag, order=order, outputs=outputs, input_bytes=input_bytes,
                     param_bytes=param_bytes, trainable_param_bytes=trainable, buffer_bytes=buffer_bytes,
                     tracer=tracer, trace_notes=notes, shared_reads=tuple(shared))
+
+
+class _Timer(torch.fx.Interpreter):
+    """Runs a graph on real tensors and records each node's wall time (best of the repeats)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, sync):
+        super().__init__(gm)
+        self.sync = sync
+        self.times: dict[str, float] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        import time
+        self.sync()
+        t0 = time.perf_counter()
+        value = super().run_node(n)
+        self.sync()
+        dt = time.perf_counter() - t0
+        self.times[n.name] = min(dt, self.times.get(n.name, float("inf")))
+        return value
+
+
+def measure_node_times(gm: torch.fx.GraphModule, example_inputs: tuple, *, device: str | torch.device = "cpu",
+                       repeats: int = 3) -> dict[str, float]:
+    """Seconds each node's forward takes on ``device`` (best of ``repeats``), on random inputs
+    shaped like ``example_inputs``; the planner can use these instead of FLOPs as node times."""
+    import copy
+    device = torch.device(device)
+    work = copy.deepcopy(gm).to(device)
+    inputs = tuple(torch.randn(t.shape, dtype=t.dtype, device=device) if isinstance(t, torch.Tensor)
+                   and t.is_floating_point() else t for t in example_inputs)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timer = _Timer(work, sync)
+    with torch.no_grad():
+        for _ in range(max(1, repeats)):
+            timer.run(*inputs)
+    return timer.times

@@ -86,18 +86,20 @@ def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "ada
         result = dataclasses.replace(tighter, budget_bytes=budget_b)
     raise BudgetError(
         f"budget {format_bytes(budget_b)} is below the smallest feasible peak found: the best plan simulates "
-        f"at {format_bytes(result.simulated_peak_bytes)}; raise the budget to at least "
-        f"{format_bytes(result.simulated_peak_bytes)}",
-        budget_bytes=budget_b, min_feasible_bytes=int(result.simulated_peak_bytes or 0))
+        f"at {format_bytes(sim)}; raise the budget to at least "
+        f"{format_bytes(sim)}",
+        budget_bytes=budget_b, min_feasible_bytes=int(sim))
 
 
 def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
          method: str = "auto", rev: bool = False, loss_fn=None, scratch: str | None = None,
-         lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, simulate: bool = True) -> Plan:
+         lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, simulate: bool = True,
+         times: dict[str, float] | str | None = None) -> Plan:
     """Decide what to keep and what to recompute for training ``model`` on ``example_inputs``.
 
     With ``budget`` (bytes or "12GB"): the least recompute whose whole training step fits.
-    Without: the smallest feasible peak, then the least recompute for it.
+    Without: the smallest feasible peak, then the least recompute for it. Node times are FLOPs
+    unless ``times`` is a dict (node name -> seconds) or "measured" (timed on the CPU here).
     """
     if rev:
         from .rev_plan import plan_with_rev
@@ -106,10 +108,15 @@ def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer
     inputs = as_tuple(example_inputs)
     scr = _scratch_model(model, inputs, scratch)
     graph = trace(model, inputs)
+    if isinstance(times, str):
+        if times != "measured":
+            raise MemplanError(f"times must be a dict of node seconds or 'measured', got {times!r}")
+        from .analyze import measure_node_times
+        times = measure_node_times(graph.gm, inputs)
     try:
         return plan_for_graph(graph, budget=budget, optimizer=optimizer, method=method, scratch=scr,
                               loss_fn=loss_fn, example_inputs=inputs, simulate=simulate,
-                              lower_set_bound=lower_set_bound)
+                              lower_set_bound=lower_set_bound, times=times)
     except BudgetError as err:
         raise _with_rev_hint(err, model, inputs, optimizer, method, scr) from None
 
@@ -119,7 +126,7 @@ def _with_rev_hint(err: BudgetError, model, inputs, optimizer, method, scratch) 
     try:
         from .rev_plan import plan_with_rev
         rev_plan = plan_with_rev(model, inputs, budget=None, optimizer=optimizer, method=method,
-                                 scratch=scratch)[0]
+                                 scratch=scratch, search=False)[0]
     except Exception:  # noqa: BLE001 - the hint is optional; the original error stands
         return err
     reach = rev_plan.simulated_peak_bytes or rev_plan.predicted_peak_bytes
@@ -141,9 +148,20 @@ def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimi
     parameters and buffers, so ``model.state_dict()`` stays the checkpoint format.
     """
     inputs = as_tuple(example_inputs)
-    if rev:
-        if plan is not None:
-            raise MemplanError("compile(rev=True) plans REV itself; pass plan= only for GCP plans")
+    if rev and plan is not None:
+        raise MemplanError("compile(rev=True) plans REV itself; pass either rev=True or plan=, not both "
+                           "(a saved plan that replaced passes rebuilds them by itself)")
+    if plan is not None:
+        the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
+        if the_plan.rev:                           # rebuild the substituted network the plan was made for
+            from .rev_plan import rebuild_rev_graph
+            graph = rebuild_rev_graph(model, inputs, the_plan)
+            warnings.warn(f"memplan plan replaces {len(the_plan.rev)} pass(es) with reversible blocks: the "
+                          "network changes and the new blocks start from fresh weights", stacklevel=2)
+        else:
+            graph = trace(model, inputs)
+        check_plan(the_plan, graph)
+    elif rev:
         from .rev_plan import plan_with_rev
         the_plan, graph = plan_with_rev(model, inputs, budget=budget, optimizer=optimizer, method=method,
                                         loss_fn=loss_fn, scratch=scratch)
@@ -151,16 +169,12 @@ def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimi
                       f"({len(the_plan.rev)}) start from fresh weights and must be trained", stacklevel=2)
     else:
         graph = trace(model, inputs)
-        if plan is None:
-            scr = _scratch_model(model, inputs, scratch)
-            try:
-                the_plan = plan_for_graph(graph, budget=budget, optimizer=optimizer, method=method, scratch=scr,
-                                          loss_fn=loss_fn, example_inputs=inputs)
-            except BudgetError as err:
-                raise _with_rev_hint(err, model, inputs, optimizer, method, scr) from None
-        else:
-            the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
-            check_plan(the_plan, graph)
+        scr = _scratch_model(model, inputs, scratch)
+        try:
+            the_plan = plan_for_graph(graph, budget=budget, optimizer=optimizer, method=method, scratch=scr,
+                                      loss_fn=loss_fn, example_inputs=inputs)
+        except BudgetError as err:
+            raise _with_rev_hint(err, model, inputs, optimizer, method, scr) from None
     module = rewrite(graph, the_plan)
     module.memplan_plan = the_plan
     return module

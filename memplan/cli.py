@@ -12,10 +12,12 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 EXIT_OK, EXIT_USAGE, EXIT_BUDGET = 0, 2, 3
 
@@ -31,11 +33,11 @@ EPILOGS = {
   memplan optimize examples/tiny_unet.py --json > plan_summary.json
 load the plan in Python:  memplan.compile(model, x, plan="plan.json")  (same model, input shape, dtype)""",
     "fit": """examples:
-  memplan fit examples/tiny_unet.py --budget 12MiB
+  memplan fit examples/tiny_unet.py --budget 24MiB
   memplan fit examples/fetusmapv2_unet.py --budget 8GB --input-shape 1,1,176,112,112 --scratch none
   memplan fit examples/fetusmapv2_unet.py --budget 8GB --axis 2        # grow D only
   memplan fit examples/fetusmapv2_unet.py --budget 8GB --axis 0        # the largest batch
-  memplan fit examples/tiny_unet.py --budget 12MiB --rev --json
+  memplan fit examples/convnet_instance.py --budget 4MiB --rev --json
 --rev plans REV at every size tried: minutes for a full-size U-Net.""",
     "measure": """examples:
   memplan measure examples/tiny_unet.py
@@ -111,7 +113,28 @@ def _version() -> str:
 def _consoles(args: argparse.Namespace):
     from rich.console import Console
     width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 110
-    return Console(width=width, highlight=False), Console(stderr=True, highlight=False)
+    err_file = sys.stderr
+    if sys.stderr.isatty():          # a terminal of our own: the spinner survives _drop_native_lines
+        err_file = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    return Console(width=width, highlight=False), Console(file=err_file, highlight=False)
+
+
+@contextlib.contextmanager
+def _drop_native_lines(prefixes: tuple[str, ...] = ("USDT:",)) -> Iterator[None]:
+    """Hide the lines native code (the profiler's kineto) writes to fd 2 that start with ``prefixes``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not line.startswith(prefixes)))
 
 
 @contextlib.contextmanager
@@ -121,9 +144,19 @@ def _status(err, text: str) -> Iterator[Any]:
         yield status
 
 
-def _fmt(n: int | float | None) -> str:
+def _fmt(n: float | None) -> str:
     from .units import format_bytes
     return "-" if n is None else format_bytes(n)
+
+
+def _budget_text(budget_bytes: int | None) -> str:
+    """'8.00 GB (7.45 GiB)' for decimal-looking budgets, else '512 MiB'; 'none' for None."""
+    from .units import format_bytes
+    if not budget_bytes:
+        return "none (least memory)"
+    binary = format_bytes(budget_bytes)
+    decimal = format_bytes(budget_bytes, binary=False)
+    return binary if budget_bytes % 2**20 == 0 or decimal == binary else f"{decimal} ({binary})"
 
 
 def _shape_text(shape) -> str:
@@ -154,15 +187,16 @@ def _load(args, err):
         return load_model(args.model, input_shape=args.input_shape, dtype=args.dtype)
 
 
-def _compile(loaded, args, err, *, inputs=None):
+def _compile(loaded, args, err):
     """memplan.compile with the command's options; REV through the public API, clearly refused if missing."""
     import memplan
+
     from .errors import MemplanError
     what = "planning GCP+REV (tries each reversible block)" if args.rev else "tracing and planning"
     with _status(err, f"{what} on {_shape_text(loaded.input_shapes[0])} ..."), _notes_to(err):
         try:
-            return memplan.compile(loaded.model, inputs if inputs is not None else loaded.inputs, budget=args.budget,
-                                   optimizer=args.optimizer, method=args.method, rev=args.rev, scratch=args.scratch)
+            return memplan.compile(loaded.model, loaded.inputs, budget=args.budget, optimizer=args.optimizer,
+                                   method=args.method, rev=args.rev, scratch=args.scratch)
         except ImportError as exc:
             if not args.rev:
                 raise
@@ -194,10 +228,12 @@ def _segment_rows(plan, all_segments: bool) -> list[dict]:
 
 def _segment_table(plan, all_segments: bool):
     from rich.table import Table
-    table = Table(title="segments (store: kept for backward; recompute: only the kept outputs are stored, "
-                  "the rest is recomputed in backward)", title_justify="left")
-    for col, just in (("seg", "right"), ("mode", "left"), ("nodes", "right"), ("first .. last", "left"),
-                      ("kept", "left"), ("kept bytes", "right"), ("REV", "left")):
+    table = Table(title="segments", title_justify="left", caption_justify="left",
+                  caption="store: every output kept for backward; recompute: only the kept outputs are stored, "
+                  "the rest runs again in backward")
+    cols = [("seg", "right"), ("mode", "left"), ("nodes", "right"), ("first .. last", "left"), ("kept", "left"),
+            ("kept bytes", "right")] + ([("REV", "left")] if plan.rev else [])
+    for col, just in cols:
         table.add_column(col, justify=just)
     for r in _segment_rows(plan, all_segments):
         seg = str(r["first"]) if r["first"] == r["last"] else f"{r['first']}-{r['last']}"
@@ -207,31 +243,46 @@ def _segment_table(plan, all_segments: bool):
             kept = ", ".join(r["kept"][:3]) + (f" +{len(r['kept']) - 3}" if len(r["kept"]) > 3 else "")
         mode = "[bold red]recompute[/]" if r["mode"] == "recompute" else "store"
         table.add_row(seg, mode, str(len(r["nodes"])), f"{r['nodes'][0]} .. {r['nodes'][-1]}", kept,
-                      _fmt(r["kept_bytes"]), ", ".join(r["rev"]))
+                      _fmt(r["kept_bytes"]), *([", ".join(r["rev"])] if plan.rev else []))
     return table
 
 
 # -- optimize ----------------------------------------------------------------------------------------
 def cmd_optimize(args, out, err) -> int:
     """Plan the model; print peaks, overhead and segments (or JSON); write the plan and the plot."""
-    import memplan
     loaded = _load(args, err)
     module = _compile(loaded, args, err)
     plan = module.memplan_plan
     if args.out:
         plan.to_json(args.out)
+        loads = _check_reload(loaded, args, err) if plan.rev else ""
     if args.plot:
         with _status(err, "simulating both steps for the timeline ..."):
-            vanilla = memplan.simulate_step(loaded.model, loaded.inputs, optimizer=args.optimizer,
-                                            scratch=_scratch(args))
-            planned = memplan.simulate_step(module, loaded.inputs, optimizer=args.optimizer, scratch=_scratch(args))
-            plot_timeline(vanilla, planned, args.plot, budget_bytes=plan.budget_bytes,
-                          title=f"{loaded.model_source}, input {_shape_text(loaded.input_shapes[0])}")
+            curves = {name: steady_timeline(m, loaded.inputs, optimizer=args.optimizer, scratch=_scratch(args))
+                      for name, m in (("vanilla", loaded.model), ("planned", module))}
+            plot_timeline(curves, args.plot, budget_bytes=plan.budget_bytes,
+                          title=f"{loaded.model_source}, input {_shape_text(loaded.input_shapes[0])}, "
+                          f"optimizer {args.optimizer}, scratch {_scratch(args)} (simulated)")
     if args.json:
-        print(json.dumps(_optimize_record(loaded, plan, args), indent=1))
+        print(json.dumps(_optimize_record(loaded, plan, args), indent=1), file=args.json_file)
         return EXIT_OK
     _print_optimize(out, loaded, plan, args)
+    if args.out and loads:
+        err.print(f"note: {loads}", markup=False, soft_wrap=True)
     return EXIT_OK
+
+
+def _check_reload(loaded, args, err) -> str:
+    """'' when memplan.compile(..., plan=args.out) takes the REV plan just written, else why not."""
+    import memplan
+    with _status(err, f"checking that {args.out} loads ..."), _notes_to(err):
+        try:
+            memplan.compile(loaded.model, loaded.inputs, plan=args.out, scratch=args.scratch)
+        except memplan.MemplanError as exc:
+            return (f"this memplan's compile(..., plan=...) cannot load the REV plan in {args.out} yet "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}); compile(model, x, rev=True) re-plans it, "
+                    "and plans made without --rev load")
+    return ""
 
 
 def _optimize_record(loaded, plan, args) -> dict:
@@ -268,7 +319,7 @@ def _print_optimize(out, loaded, plan, args) -> None:
     head.add_row("method", f"{plan.method} DP ({plan.method_reason}); {plan.objective}; planned in "
                  f"{plan.planning_time_s:.2f} s")
     head.add_row("step", f"optimizer {plan.optimizer}, scratch {_scratch(args)}")
-    head.add_row("budget", _fmt(plan.budget_bytes) if plan.budget_bytes else "none (least memory)")
+    head.add_row("budget", _budget_text(plan.budget_bytes))
     head.add_row("vanilla peak", f"{_fmt(sim_v)} simulated  (cost model {_fmt(plan.vanilla_peak_bytes)})")
     head.add_row("planned peak", f"{_fmt(sim_p)} simulated  (cost model {_fmt(plan.predicted_peak_bytes)}){ratio}")
     head.add_row("overhead", f"{plan.predicted_overhead:.1%} of forward FLOPs recomputed"
@@ -287,22 +338,33 @@ def _print_optimize(out, loaded, plan, args) -> None:
         out.print(f"wrote {args.plot}")
 
 
-def plot_timeline(vanilla, planned, path: str, *, budget_bytes: int | None = None, title: str = "") -> None:
-    """Live bytes after every op of the simulated steps, vanilla vs planned (matplotlib, PNG or any format)."""
+def steady_timeline(module, inputs, *, optimizer: str, scratch: str) -> list[int]:
+    """Live bytes after every op of a steady-state training step (the second of two simulated steps)."""
+    import memplan
+    first = memplan.simulate_step(module, inputs, optimizer=optimizer, scratch=scratch, steps=1).timeline
+    both = memplan.simulate_step(module, inputs, optimizer=optimizer, scratch=scratch, steps=2).timeline
+    return [b for _, b in both[len(first):]]
+
+
+def plot_timeline(curves: dict[str, list[int]], path: str, *, budget_bytes: int | None = None,
+                  title: str = "") -> None:
+    """Live memory over one training step per curve (e.g. vanilla vs planned), saved with matplotlib."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    scale, unit = (2**30, "GiB") if vanilla.peak_bytes >= 2**30 else (2**20, "MiB")
+    top = max(max(c) for c in curves.values())
+    scale, unit = (2**30, "GiB") if top >= 2**30 else (2**20, "MiB")
     fig, ax = plt.subplots(figsize=(9, 4))
-    for label, report, color in (("vanilla", vanilla, "tab:gray"), ("planned", planned, "tab:blue")):
-        ys = [b / scale for _, b in report.timeline]
-        ax.plot(range(len(ys)), ys, color=color, lw=1, label=f"{label}: peak {_fmt(report.peak_bytes)}")
+    for (label, ys), color in zip(curves.items(), ("tab:gray", "tab:blue", "tab:green", "tab:orange")):
+        peak_at = max(range(len(ys)), key=ys.__getitem__)
+        ax.plot(range(len(ys)), [y / scale for y in ys], color=color, lw=1, label=f"{label}: peak {_fmt(ys[peak_at])}")
+        ax.plot([peak_at], [ys[peak_at] / scale], "o", color=color, ms=4)
     if budget_bytes:
         ax.axhline(budget_bytes / scale, color="tab:red", ls="--", lw=1, label=f"budget {_fmt(budget_bytes)}")
-    ax.set_xlabel("ATen op (two training steps: forward, backward, optimizer)")
+    ax.set_xlabel("ATen op of one training step (forward, backward with recomputation, optimizer)")
     ax.set_ylabel(f"live memory ({unit})")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -340,11 +402,11 @@ def cmd_fit(args, out, err) -> int:
                             dtype=loaded.inputs[0].dtype, peak_wrapper=wrap)
     record = _fit_record(loaded, grid, results, budget, args)
     if args.json:
-        print(json.dumps(record, indent=1))
+        print(json.dumps(record, indent=1), file=args.json_file)
     else:
         _print_fit(out, loaded, grid, results, budget)
     if all(r.shape is None for r in results):
-        smallest = grid.shape(1)
+        smallest = grid.shape(grid.min_n)
         least = min(results, key=lambda r: r.next_peak_bytes or math.inf)
         err.print(f"memplan: error: no strategy fits {_fmt(budget)} even at the smallest input "
                   f"{_shape_text(smallest)} (least: {least.strategy} at {_fmt(least.next_peak_bytes)}); raise the "
@@ -369,11 +431,12 @@ def _print_fit(out, loaded, grid, results, budget) -> None:
     from rich.table import Table
     base_v = next((r.base_peak_bytes for r in results if r.strategy == "vanilla"), None)
     vox0 = math.prod(grid.base[a] for a in grid.axes)
-    axes = ", ".join(f"axis {a} in multiples of {m}" for a, m in zip(grid.axes, grid.multiples))
-    table = Table(title=f"largest input within {_fmt(budget)} ({loaded.model_source}; {axes})",
-                  title_justify="left")
+    axes = f"axes {', '.join(map(str, grid.axes))} grown in multiples of {', '.join(map(str, grid.multiples))}"
+    table = Table(title=f"largest input within {_budget_text(budget)}: {loaded.model_source}", title_justify="left",
+                  caption=f"{axes}; peaks are simulated training steps (smallest each strategy reaches); voxels: "
+                  "max input vs given; next size up: the next grid shape, over the budget", caption_justify="left")
     for col, just in (("strategy", "left"), (f"peak at {_shape_text(grid.base)}", "right"), ("max input", "left"),
-                      ("peak", "right"), ("size vs given", "right"), ("next size up (over budget)", "left")):
+                      ("peak", "right"), ("voxels", "right"), ("next size up", "left")):
         table.add_column(col, justify=just)
     for r in results:
         pct = f" ({r.base_peak_bytes / base_v:.0%})" if base_v else ""
@@ -388,6 +451,7 @@ def _print_fit(out, loaded, grid, results, budget) -> None:
 def cmd_measure(args, out, err) -> int:
     """Simulated peaks of the unplanned and planned step, and with --real measured peaks and step times."""
     import memplan
+
     from .errors import MemplanError
     from .modelfile import real_inputs
     if args.repeat < 1:
@@ -408,7 +472,7 @@ def cmd_measure(args, out, err) -> int:
     if args.real:
         real = real_inputs(loaded, args.device)
         for name, row in rows.items():
-            with _status(err, f"measuring a real {name} step on {args.device} ..."):
+            with _status(err, f"measuring a real {name} step on {args.device} ..."), _drop_native_lines():
                 row["measured_peak_bytes"] = memplan.measure_step(row["module"], real, optimizer=args.optimizer,
                                                                   device=args.device).peak_bytes
         with _status(err, f"timing {args.repeat} steps of each, alternating ..."):
@@ -417,7 +481,7 @@ def cmd_measure(args, out, err) -> int:
             row["step_time_s"] = times[name]
     record = _measure_record(loaded, plan, rows, args, scratch)
     if args.json:
-        print(json.dumps(record, indent=1))
+        print(json.dumps(record, indent=1), file=args.json_file)
     else:
         _print_measure(out, loaded, record, args)
     return EXIT_OK
@@ -426,6 +490,7 @@ def cmd_measure(args, out, err) -> int:
 def time_steps(modules: dict, inputs: tuple, optimizer: str, repeat: int) -> dict[str, float]:
     """Median seconds of one training step per module, after one warm-up step each, steps alternating."""
     import torch
+
     from .measure import default_loss, make_optimizer
     opts = {k: make_optimizer(optimizer, list(m.parameters())) for k, m in modules.items()}
     cuda = any(t.is_cuda for t in inputs)
@@ -467,12 +532,15 @@ def _measure_record(loaded, plan, rows, args, scratch) -> dict:
 def _print_measure(out, loaded, rec, args) -> None:
     from rich.table import Table
     table = Table(title=f"{loaded.model_source}, input {_shape_text(loaded.input_shapes[0])}, optimizer "
-                  f"{rec['optimizer']}, budget {_fmt(rec['budget_bytes']) if rec['budget_bytes'] else 'none'}",
+                  f"{rec['optimizer']}, budget {_budget_text(rec['budget_bytes'])}",
                   title_justify="left")
-    cols = [("", "left"), (f"simulated peak (scratch {rec['scratch']})", "right")]
+    cols = [("", "left"), ("simulated peak", "right")]
     if args.real:
-        cols += [(f"measured peak ({rec['device']})", "right"), ("simulated vs measured", "right"),
-                 (f"step time (median of {args.repeat})", "right")]
+        cols += [("measured peak", "right"), ("sim. error", "right"), ("step time", "right")]
+        table.caption = (f"simulated: meta tensors, scratch {rec['scratch']}; measured: "
+                         f"{'CPU profiler' if rec['device'] == 'cpu' else 'CUDA max_memory_allocated'}; "
+                         f"step time: median of {args.repeat} alternating steps")
+        table.caption_justify = "left"
     for col, just in cols:
         table.add_column(col, justify=just)
     for name in ("vanilla", "planned"):
@@ -503,8 +571,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:                      # --help, --version, or a usage error (argparse prints it)
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     out, err = _consoles(args)
+    args.json_file = sys.stdout                    # --json: only the record goes here; any print() of the
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()  # model file: stderr
     try:
-        return COMMANDS[args.command](args, out, err)
+        with quiet:
+            return COMMANDS[args.command](args, out, err)
     except BudgetError as exc:
         err.print(f"memplan: error: {_budget_message(exc, args)}", markup=False, soft_wrap=True)
         return EXIT_BUDGET

@@ -12,9 +12,9 @@ rates the next one up, so the answer is checked on both sides.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ class Grid:
     axes: tuple[int, ...]
     multiples: tuple[int, ...]
     max_dim: int = MAX_DIM
+    min_n: int = 1                       # the smallest n the network accepts (pooling needs some size)
 
     @property
     def lead(self) -> int:
@@ -117,13 +118,28 @@ def make_grid(model: nn.Module, base: tuple[int, ...], *, axis: int | None = Non
         raise MemplanError(f"the network does not accept the input shape {shape_text(base)}: {why}; "
                            "pass an --input-shape it accepts")
     multiples = tuple(detect_multiple(model, base, a, meta_model=net) for a in axes)
-    return Grid(base=base, axes=axes, multiples=multiples, max_dim=max_dim)
+    grid = Grid(base=base, axes=axes, multiples=multiples, max_dim=max_dim)
+    return dataclasses.replace(grid, min_n=_smallest_accepted(model, grid, net))
+
+
+def _smallest_accepted(model: nn.Module, grid: Grid, net: nn.Module) -> int:
+    """Bisect for the smallest n whose shape the network runs on (acceptance assumed monotone in n)."""
+    def ok(n: int) -> bool:
+        return not rejection(model, (torch.empty(grid.shape(n), device="meta"),), meta_model=net)
+
+    lo, hi = 0, grid.start                 # not ok(lo) by convention; ok(hi) unless the base is off-grid
+    if not ok(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
 
 
 def largest_fit(strategy: str, peak_of: PeakFn, grid: Grid, budget_bytes: int, *, start: int | None = None
                 ) -> FitResult:
-    """Search ``grid`` for the largest n whose peak fits: grow (x1.5) or shrink (/2) from ``start`` until
-    the answer is bracketed, then bisect; peaks are assumed to grow with n."""
+    """Search ``grid`` for the largest n whose peak fits: grow (+1, +2, +4, ...) or shrink (/2) from ``start``
+    until the answer is bracketed, then bisect; peaks are assumed to grow with n."""
     cache: dict[tuple[int, ...], int] = {}
 
     def peak(shape: tuple[int, ...]) -> int:
@@ -134,7 +150,7 @@ def largest_fit(strategy: str, peak_of: PeakFn, grid: Grid, budget_bytes: int, *
     def fits(n: int) -> bool:
         return peak(grid.shape(n)) <= budget_bytes
 
-    lo, hi = _bracket(fits, min(max(1, start or grid.start), grid.max_n), grid.max_n)
+    lo, hi = _bracket(fits, min(max(grid.min_n, start or grid.start), grid.max_n), grid.min_n, grid.max_n)
     while lo is not None and hi is not None and hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -144,19 +160,19 @@ def largest_fit(strategy: str, peak_of: PeakFn, grid: Grid, budget_bytes: int, *
                      next_peak_bytes=None if next_shape is None else cache[next_shape], evaluations=len(cache))
 
 
-def _bracket(fits: Callable[[int], bool], n: int, max_n: int) -> tuple[int | None, int | None]:
-    """(lo, hi) with fits(lo) and not fits(hi); lo None when n = 1 fails, hi None when max_n fits."""
+def _bracket(fits: Callable[[int], bool], n: int, min_n: int, max_n: int) -> tuple[int | None, int | None]:
+    """(lo, hi) with fits(lo) and not fits(hi); lo None when min_n fails, hi None when max_n fits."""
     if fits(n):
-        lo = n
-        while lo < max_n:
-            nxt = min(max_n, max(lo + 1, math.ceil(lo * 1.5)))
+        lo, step = n, 1
+        while lo < max_n:                  # +1, +2, +4, ...: cheap when the answer is near the start
+            nxt = min(max_n, lo + step)
             if not fits(nxt):
                 return lo, nxt
-            lo = nxt
+            lo, step = nxt, step * 2
         return lo, None
     hi = n
-    while hi > 1:
-        nxt = max(1, hi // 2)
+    while hi > min_n:
+        nxt = max(min_n, hi // 2)
         if fits(nxt):
             return nxt, hi
         hi = nxt

@@ -132,9 +132,7 @@ def _candidates(module: ModuleType) -> list[str]:
     for name, value in vars(module).items():
         if name.startswith("_"):
             continue
-        if isinstance(value, nn.Module):
-            out.append(name)
-        elif inspect.isclass(value) and issubclass(value, nn.Module) and value.__module__ == module.__name__:
+        if isinstance(value, nn.Module) or inspect.isclass(value) and issubclass(value, nn.Module) and value.__module__ == module.__name__:
             out.append(name)
     return out
 

@@ -41,6 +41,8 @@ class RevReplacementRecord:
     new_module: str
     params_before: int
     params_after: int
+    free_input: bool = False     # the block frees its input after forward (rebuilt in backward)
+    seed: int = 0                # seed of the fresh F/G weights
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,16 @@
 
 FetusMapV2 §3.1: (1) a Kusumoto GCP plan of the network; (2) the REV-eligible passes; (3) for each
 pass in graph order, replace it when the converted partition stays valid and the peak drops (the
-pass leaves its segments, the block becomes a singleton segment). memplan then re-plans GCP with the
-DP on the substituted graph (REV nodes pinned: never recomputed) and keeps whichever is better.
-Every configuration is rated by one ruler: ``simulate_step`` of the rewritten module.
+pass leaves its segments, the block becomes a singleton segment). memplan then goes further: the DP
+re-plans GCP on the substituted graph (REV nodes pinned, and unpinned: a block whose input is kept
+anyway may be recomputed), and a joint search toggles each pass in or out with a DP re-plan each.
+The best configuration wins; the plan's notes give every figure. Every configuration is rated by
+one ruler: ``simulate_step`` of the rewritten module.
 
 A block frees its input only when nothing else reads that storage before the block's backward
-refills it: no graph input, no other user, and every op that saved it for backward is recomputed
-(inside a checkpointed segment) or is another replaced block (:func:`free_input_flags`).
+refills it: no graph input, no other user, the block not inside a checkpointed segment, and every
+op that saved the input for backward is recomputed (inside a checkpointed segment) or is another
+replaced block (:func:`free_input_flags`).
 
 Example (a chain of C -> C layers after a stem; each block frees its input, so REV-only holds one
 activation however deep; a layer's parameters go from C*C*K + 3C to C*C*K/2 + 2C)::
@@ -32,7 +35,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from ._meta import as_tuple
@@ -213,9 +215,13 @@ def _finish_outcome(ctx: _Context, label: str, names: Sequence[str], flags: Mapp
     if any(flags.values()):
         graph, _, _ = ctx.substitute(names, flags)
         plan = _plan_from_segments(ctx, graph, [s.nodes for s in plan.segments], plan, pinned)
+        again = free_input_flags(ctx.chosen(names), plan, rev_node)
+        if again != dict(flags):
+            raise AssertionError(f"free_input flags changed when the graph was re-analysed: {dict(flags)} -> {again}")
     sim = ctx.simulate(rewrite(graph, plan))
     return RevOutcome(label=label, names=tuple(names), free_input=tuple(sorted(flags.items())),
-                      modules=tuple((r.candidate, r.new_module) for r in reps), plan=dataclasses.replace(plan, simulated_peak_bytes=sim), graph=graph,
+                      modules=tuple((r.candidate, r.new_module) for r in reps),
+                      plan=dataclasses.replace(plan, simulated_peak_bytes=sim), graph=graph,
                       simulated_peak_bytes=sim, overhead=_overhead(graph, plan, list(rev_node.values())))
 
 
@@ -305,7 +311,8 @@ def _vanilla_outcome(ctx: _Context, base: Plan) -> RevOutcome:
     segments = [(n,) for n in ctx.graph.order]
     plan = _plan_from_segments(ctx, ctx.graph, segments, base, frozenset())
     sim = ctx.simulate(ctx.graph.gm)
-    return RevOutcome(label="vanilla", names=(), free_input=(), modules=(), plan=dataclasses.replace(plan, simulated_peak_bytes=sim),
+    return RevOutcome(label="vanilla", names=(), free_input=(), modules=(),
+                      plan=dataclasses.replace(plan, simulated_peak_bytes=sim),
                       graph=ctx.graph, simulated_peak_bytes=sim, overhead=0.0)
 
 
@@ -389,7 +396,10 @@ def plan_with_rev(model: nn.Module, example_inputs: Any, *, budget: Any = None, 
             f"no GCP+REV plan fits the budget {format_bytes(budget_b)}: the best simulates at {format_bytes(reach)} "
             f"({reach} B); raise the budget to at least {format_bytes(reach)} or use a smaller input",
             budget_bytes=int(budget_b), min_feasible_bytes=int(reach), rev_min_bytes=int(reach))
-    return _final_plan(cmp.context, best, cmp.gcp.plan, cmp.notes, time.perf_counter() - t0), best.graph
+    plan = _final_plan(cmp.context, best, cmp.gcp.plan, cmp.notes, time.perf_counter() - t0)
+    if budget_b is not None:   # the least overhead among the configurations that fit
+        plan = dataclasses.replace(plan, budget_bytes=budget_b, objective="time-centric")
+    return plan, best.graph
 
 
 def _ranking(budget: int | None) -> Callable[[RevOutcome], tuple]:
@@ -418,21 +428,24 @@ def _gcp_step(ctx: _Context, budget: int | None, method: str, lower_set_bound: i
 def _final_plan(ctx: _Context, best: RevOutcome, original: Plan, notes: Sequence[str], elapsed_s: float) -> Plan:
     """The chosen plan, listing replacements and the original network's vanilla figures."""
     cands = {c.name: c for c in ctx.candidates}
-    records = tuple(_record(cands[n], best) for n in best.names)
+    records = tuple(_record(cands[n], best, ctx.seed) for n in best.names)
     flags = dict(best.free_input)
     free_note = ", ".join(f"{n}={'free' if flags[n] else 'kept'}" for n in best.names)
     return dataclasses.replace(
         best.plan, rev=records, vanilla_peak_bytes=original.vanilla_peak_bytes,
         simulated_vanilla_peak_bytes=original.simulated_vanilla_peak_bytes,
         predicted_overhead=best.overhead, planning_time_s=elapsed_s,
-        notes=(*ctx.graph.trace_notes, *notes, f"REV seed={ctx.seed}", *([f"REV inputs: {free_note}"] if best.names else [])))
+        notes=(*ctx.graph.trace_notes, *notes, f"REV seed={ctx.seed}",
+               *([f"REV inputs: {free_note}"] if best.names else [])))
 
 
-def _record(c: RevCandidate, outcome: RevOutcome) -> RevReplacementRecord:
+def _record(c: RevCandidate, outcome: RevOutcome, seed: int) -> RevReplacementRecord:
     module = dict(outcome.modules)[c.name]
     params = sum(p.numel() for p in outcome.graph.gm.get_submodule(module).parameters())
     return RevReplacementRecord(name=c.name, replaced=c.modules, new_module=module,
-                                params_before=c.original_param_count, params_after=params)
+                                params_before=c.original_param_count, params_after=params,
+                                free_input=bool(dict(outcome.free_input).get(c.name, False)),
+                                seed=seed)
 
 
 def rev_only_plan(model: nn.Module, example_inputs: Any, *, optimizer: str = "adam", loss_fn=None,
@@ -457,7 +470,7 @@ def rebuild_rev_graph(model: nn.Module, example_inputs: Any, plan: Plan) -> MemG
     graph = trace(model, inputs)
     if not plan.rev:
         return graph
-    seeds = [int(m.group(1)) for m in map(_SEED_NOTE.match, plan.notes) if m]
+    seeds = [r.seed for r in plan.rev] or [int(m.group(1)) for m in map(_SEED_NOTE.match, plan.notes) if m]
     ctx = _Context(inputs=inputs, graph=graph, candidates=tuple(find_rev_candidates(graph.gm, inputs)),
                    optimizer=plan.optimizer, loss_fn=None, scratch="none", seed=seeds[0] if seeds else REV_SEED)
     names = [r.name for r in plan.rev]

@@ -197,3 +197,12 @@ def test_a_generous_budget_recomputes_nothing():
     x = torch.empty(1, 1, 16, 16, 16, device="meta")
     p = memplan.plan(net, x, budget="1GB")
     assert p.predicted_overhead == 0 and not p.recomputed_segments
+
+
+def test_measured_node_times_drive_the_overhead():
+    net = TinyUNet3D(width=2)
+    x = torch.randn(1, 1, 8, 8, 8)
+    p = memplan.plan(net, x, times="measured")
+    assert 0 < p.predicted_overhead <= 1.0 + 1e-9
+    with pytest.raises(MemplanError, match="'measured'"):
+        memplan.plan(net, x, times="fast")

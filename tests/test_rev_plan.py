@@ -12,8 +12,7 @@ import memplan
 from memplan import BudgetError, PlanMismatchError
 from memplan.plan import Plan, Segment
 from memplan.rev import find_rev_candidates
-from memplan.rev_plan import (chain_violation, convert_partition, free_input_flags, plan_with_rev,
-                              rebuild_rev_graph, rev_only_plan)
+from memplan.rev_plan import chain_violation, convert_partition, free_input_flags, rebuild_rev_graph, rev_only_plan
 from memplan.reversible import ReversibleBlock
 from memplan.rewrite import rewrite
 from tests.nets import TinyUNet3D
@@ -169,7 +168,7 @@ def test_rev_false_never_replaces(unet_meta):
 
 def test_budget_error_says_what_rev_would_reach_and_rev_reaches_it():
     torch.manual_seed(0)
-    net, x = chain_net(channels=4, layers=6), torch.empty(1, 1, 48, 48, 48, **META)
+    net, x = chain_net(channels=4, layers=4), torch.empty(1, 1, 40, 40, 40, **META)
     gcp = memplan.plan(net, x)
     budget = int(0.75 * gcp.simulated_peak_bytes)
     with pytest.raises(BudgetError, match="REV would reach") as info:
@@ -262,3 +261,24 @@ def test_chain_violation_names_the_node_run_before_its_input():
     assert chain_violation(graph, [("_0", "_1", "_3"), ("_2", "_4", "_5"), ("_6",)]) == \
         "segment 0 runs _3 before its input _2"
     assert "partition" in chain_violation(graph, ok[:2])
+
+
+class ThreeReaders(nn.Module):
+    """A stem whose output three convolutions read (autograd sums their gradients in reverse order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv3d(1, 2, 3, padding=1)
+        self.a, self.b, self.c = (nn.Conv3d(2, 2, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.a(s) + self.b(s) + self.c(s)
+
+
+def test_chain_violation_rejects_reordering_a_three_reader_gradient_sum():
+    graph = memplan.trace(ThreeReaders(), torch.empty(1, 1, 4, 4, 4, **META))
+    assert graph.order == ["stem", "a", "b", "add", "c", "add_1"]
+    assert chain_violation(graph, [("stem", "a", "b"), ("add", "c", "add_1")]) == ""
+    assert chain_violation(graph, [("stem", "c"), ("a", "b", "add", "add_1")]) == \
+        "segment 0 would reorder the gradient sum of a value read 3 or more times"

@@ -1,0 +1,196 @@
+"""What users would otherwise do, as runnable modules: checkpointing by hand, Chen's sqrt(n) over
+single-tensor cuts, and torch.compile's activation memory budget.
+
+By-hand checkpointing wraps modules in ``torch.utils.checkpoint`` (non-reentrant); Chen's plan is a
+chain of lower sets run by memplan's own rewrite, so one simulator rates it like memplan's plans.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from memplan.costmodel import build_costs, chain_cost
+from memplan.graph import MemGraph
+from memplan.plan import Plan, chain_to_segments
+
+__all__ = ["Checkpointed", "checkpoint_modules", "block_checkpointed", "fetusmap_rule_names", "fetusmap_rule",
+           "articulation_points", "chen_chain", "chen_plan", "compiled_with_budget", "CompiledStep"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_PASS_TAIL = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU)
+
+
+class Checkpointed(nn.Module):
+    """``inner`` run under non-reentrant ``torch.utils.checkpoint`` while autograd records."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        if not torch.is_grad_enabled():
+            return self.inner(*args)
+        return checkpoint(self.inner, *args, use_reentrant=False)
+
+
+def checkpoint_modules(model: nn.Module, names: list[str] | tuple[str, ...]) -> nn.Module:
+    """A deep copy of ``model`` with each named submodule wrapped in :class:`Checkpointed`.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> type(checkpoint_modules(net, ["0"])[0]).__name__
+    'Checkpointed'
+    """
+    out = copy.deepcopy(model)
+    known = dict(out.named_modules())
+    for name in names:
+        if name not in known or not name:
+            raise ValueError(f"module {name!r} is not in {type(model).__name__}; names look like "
+                             f"{[n for n in known if n][:4]}")
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, Checkpointed(getattr(parent, child)))
+    return out
+
+
+def block_checkpointed(model: nn.Module, blocks: tuple[str, ...]) -> nn.Module:
+    """Checkpoint around every encoder/decoder block, as users write it."""
+    return checkpoint_modules(model, list(blocks))
+
+
+def _pass_of(gm: torch.fx.GraphModule, conv: torch.fx.Node) -> list[torch.fx.Node]:
+    """The conv node and the norm/activation modules that follow it one to one (Conv-BN-ReLU)."""
+    chain = [conv]
+    while len(chain[-1].users) == 1:
+        nxt = next(iter(chain[-1].users))
+        if nxt.op != "call_module" or not isinstance(gm.get_submodule(nxt.target), _PASS_TAIL):
+            break
+        chain.append(nxt)
+    return chain
+
+
+def _feeds_cat(node: torch.fx.Node) -> bool:
+    return any(u.op in ("call_function", "call_method") and getattr(u.target, "__name__", u.target) in ("cat", "concat")
+               for u in node.users)
+
+
+def fetusmap_rule_names(model: nn.Module) -> list[str]:
+    """FetusMap's rule: the modules of every conv pass (Conv[-BN][-ReLU]) whose output does not feed a
+    concatenation. A pass that is exactly a Sequential's children is wrapped whole, else its conv."""
+    gm = torch.fx.symbolic_trace(model)
+    names = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _CONVS):
+            continue
+        chain = _pass_of(gm, node)
+        if _feeds_cat(chain[-1]):
+            continue
+        parent, _, _ = node.target.rpartition(".")
+        siblings = [f"{parent}.{c}" if parent else c for c, _ in (gm.get_submodule(parent) if parent else gm).named_children()]
+        whole = parent and isinstance(model.get_submodule(parent), nn.Sequential) and siblings == [n.target for n in chain]
+        names.append(parent if whole else node.target)
+    return list(dict.fromkeys(names))
+
+
+def fetusmap_rule(model: nn.Module) -> nn.Module:
+    return checkpoint_modules(model, fetusmap_rule_names(model))
+
+
+# -- Chen et al. 2016: sqrt(n) segments over articulation points ---------------------------------------
+
+def articulation_points(graph: MemGraph, optimizer: str = "adam") -> list[int]:
+    """Graph-order indices of single-tensor cuts: nodes v whose ancestors-and-self lower set has
+    boundary {v} (every later node reads only v or nodes after it)."""
+    costs = build_costs(graph, optimizer=optimizer)
+    return [i for i, mask in enumerate(graph.ancestor_masks()) if costs.boundary(mask) == 1 << i]
+
+
+def chen_chain(graph: MemGraph, cuts: list[int]) -> list[int]:
+    """Chen's sqrt(n) chain: a cut every ceil(sqrt(n)) nodes or more (recomputed segments between
+    chosen cuts), then one node per block after the last cut (the last segment is stored).
+
+    >>> import torch
+    >>> import memplan
+    >>> net = torch.nn.Sequential(*[torch.nn.Tanh() for _ in range(9)])
+    >>> g = memplan.trace(net, torch.empty(2, 3, device="meta"))
+    >>> [bin(m).count("1") for m in chen_chain(g, articulation_points(g))]
+    [3, 6, 7, 8, 9]
+    """
+    n = len(graph)
+    step = math.ceil(math.sqrt(n))
+    anc = graph.ancestor_masks()
+    chosen, last = [], -1
+    for i in cuts:
+        if i - last >= step and i < n - 1:
+            chosen.append(anc[i])
+            last = i
+    chain = list(chosen)
+    base = chain[-1] if chain else 0
+    for j in range(n):
+        m = base | ((1 << (j + 1)) - 1)
+        if not chain or m & ~chain[-1]:
+            chain.append(m)
+    return chain
+
+
+def chen_plan(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, int] | None = None) -> Plan:
+    """Chen's sqrt(n) plan over ``graph``'s articulation points, as a memplan Plan (rewrite runs it)."""
+    t0 = time.perf_counter()
+    cuts = articulation_points(graph, optimizer)
+    chain = chen_chain(graph, cuts)
+    costs = build_costs(graph, optimizer=optimizer, scratch=scratch)
+    peak, recompute_flops = chain_cost(costs, chain)
+    vanilla = chain_cost(costs, [(1 << (i + 1)) - 1 for i in range(len(graph))])[0]
+    segments = chain_to_segments(graph, costs, tuple(chain))
+    chosen = sum(1 for s in segments if s.recompute)
+    return Plan(segments=segments, predicted_peak_bytes=int(peak),
+                predicted_overhead=recompute_flops / (float(costs.flops.sum()) or 1.0), vanilla_peak_bytes=int(vanilla),
+                budget_bytes=None, objective="Chen sqrt(n)", method="chen",
+                method_reason=f"{len(cuts)} articulation points, {chosen} recomputed segment(s), "
+                              f"segment length >= {math.ceil(math.sqrt(len(graph)))}",
+                lower_set_count=None, fingerprint=graph.fingerprint(), optimizer=optimizer,
+                static_bytes=costs.static_bytes, planning_time_s=time.perf_counter() - t0)
+
+
+# -- torch.compile with an activation memory budget ------------------------------------------------
+
+@dataclass
+class CompiledStep:
+    """A torch.compile'd module whose every call runs with ``activation_memory_budget`` set (the
+    partitioner reads it when it compiles, at the first call)."""
+    module: nn.Module
+    budget: float
+
+    def __call__(self, *args):
+        import torch._functorch.config as functorch_config
+        with functorch_config.patch(activation_memory_budget=self.budget):
+            return self.module(*args)
+
+    def parameters(self):
+        return self.module.parameters()
+
+
+def compiled_with_budget(model: nn.Module, budget: float, backend: str = "aot_eager") -> CompiledStep:
+    """A deep copy of ``model`` compiled with ``backend`` under the given activation memory budget."""
+    torch._dynamo.reset()
+    return CompiledStep(torch.compile(copy.deepcopy(model), backend=backend), budget)
+
+
+@contextlib.contextmanager
+def quiet_dynamo():
+    """Keep torch.compile's recompilation warnings out of the benchmark's output."""
+    import logging
+    logger = logging.getLogger("torch._dynamo")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
