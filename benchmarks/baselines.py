@@ -6,11 +6,12 @@ chain of lower sets run by memplan's own rewrite, so one simulator rates it like
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
+import types
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -163,34 +164,28 @@ def chen_plan(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, in
 
 @dataclass
 class CompiledStep:
-    """A torch.compile'd module whose every call runs with ``activation_memory_budget`` set (the
-    partitioner reads it when it compiles, at the first call)."""
+    """A torch.compile'd forward whose every call runs with ``activation_memory_budget`` set (the
+    partitioner reads it when it compiles, at the first call). ``module`` holds the parameters."""
     module: nn.Module
+    forward: Callable[..., Any]
     budget: float
 
     def __call__(self, *args):
         import torch._functorch.config as functorch_config
         with functorch_config.patch(activation_memory_budget=self.budget):
-            return self.module(*args)
+            return self.forward(*args)
 
-    def parameters(self):
-        return self.module.parameters()
+
+def _own_code(module: nn.Module) -> Callable[..., Any]:
+    """``module(*args)`` behind a function with a code object of its own. Dynamo caches compiled graphs
+    on the code object of the frame it compiles, with guards a twin network of the same class passes:
+    without this, a second compiled copy would silently reuse the first one's partition (and budget)."""
+    def forward(*args):
+        return module(*args)
+    return types.FunctionType(forward.__code__.replace(), forward.__globals__, "forward", None, forward.__closure__)
 
 
 def compiled_with_budget(model: nn.Module, budget: float, backend: str = "aot_eager") -> CompiledStep:
-    """A deep copy of ``model`` compiled with ``backend`` under the given activation memory budget."""
-    torch._dynamo.reset()
-    return CompiledStep(torch.compile(copy.deepcopy(model), backend=backend), budget)
-
-
-@contextlib.contextmanager
-def quiet_dynamo():
-    """Keep torch.compile's recompilation warnings out of the benchmark's output."""
-    import logging
-    logger = logging.getLogger("torch._dynamo")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    """A deep copy of ``model`` whose forward is compiled with ``backend`` under an activation memory budget."""
+    module = copy.deepcopy(model)
+    return CompiledStep(module, torch.compile(_own_code(module), backend=backend), budget)

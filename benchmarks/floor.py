@@ -1,8 +1,11 @@
-"""The floor of a training step: what any schedule must hold at once, so peak / floor says how much
-room a method leaves. Floor = parameters + gradients + optimizer state (+ buffers and the input)
-+ the largest single-op working set: one op's inputs and output and their gradients (plus the op's
-kernel scratch under the CPU scratch model). It is a reference, not a proven lower bound for every
-op (a convolution's backward does not need its output), and it counts the unplanned network.
+"""The floor of a training step, so peak / floor says how much room a method leaves.
+
+Floor = parameters + gradients + optimizer state (+ buffers and the input) + the largest single-op
+working set: one op's input and output tensors (plus its kernel scratch under the CPU scratch model),
+the least any schedule holds while it runs that op forward, or its backward (where the output's
+gradient stands in for the output). Graph inputs count once, in the static part; an op that returns
+a view or writes in place allocates no output. A reference, not a proven bound: with
+zero_grad(set_to_none) not every gradient exists while the largest op runs. Unplanned network.
 """
 from __future__ import annotations
 
@@ -52,18 +55,15 @@ def floor_of(graph: MemGraph, *, optimizer: str = "adam", scratch: str = "none")
 
     >>> import memplan
     >>> g = memplan.trace(torch.nn.Linear(10, 10, bias=False), torch.empty(4, 10, device="meta"))
-    >>> f = floor_of(g, optimizer="sgd")      # 400 B weight + 400 B grad + 160 B input + 2 x (160 + 160)
+    >>> f = floor_of(g, optimizer="sgd")      # 400 B weight + 400 B grad + 160 B input + 160 B output
     >>> f.parameter_bytes, f.gradient_bytes, f.working_set_bytes, f.total_bytes
-    (400, 400, 480, 1440)
+    (400, 400, 160, 1120)
     """
-    fx_nodes = {n.name: n for n in graph.gm.graph.nodes}
     size = {info.name: _nominal_bytes(info.out_shapes, info.out_dtypes) for info in graph}
     best, best_op = 0, ""
     for info in graph:
-        node = fx_nodes.get(info.name)
-        reads_input = node is not None and any(a.op == "placeholder" for a in node.all_input_nodes)
         inputs = sum(size[p] for p in graph.dag.predecessors(info.name))
-        ws = 2 * (inputs + size[info.name]) + (graph.input_bytes if reads_input else 0)
+        ws = inputs + (0 if info.alias_of is not None else size[info.name])
         if scratch == "cpu":
             ws += info.scratch_cpu_bytes
         if ws > best:

@@ -149,14 +149,41 @@ def _fmt(n: float | None) -> str:
     return "-" if n is None else format_bytes(n)
 
 
+def to_json(obj: Any, level: int = 0) -> str:
+    """JSON with one key per line and lists of plain values on one line (shapes, node names).
+
+    >>> print(to_json({"shape": [1, 2], "rows": [{"a": None}]}))
+    {
+     "shape": [1, 2],
+     "rows": [
+      {
+       "a": null
+      }
+     ]
+    }
+    """
+    pad, inner = " " * level, " " * (level + 1)
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(str(k))}: {to_json(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        return "[\n" + ",\n".join(f"{inner}{to_json(v, level + 1)}" for v in obj) + f"\n{pad}]"
+    return json.dumps(obj)
+
+
 def _budget_text(budget_bytes: int | None) -> str:
-    """'8.00 GB (7.45 GiB)' for decimal-looking budgets, else '512 MiB'; 'none' for None."""
+    """'8.00 GB (7.45 GiB)' for a budget in whole MB, else '512 MiB'; 'none (least memory)' for None.
+
+    >>> _budget_text(8 * 10**9), _budget_text(20 * 1024), _budget_text(2**20)
+    ('8.00 GB (7.45 GiB)', '20.0 KiB', '1.00 MiB')
+    """
     from .units import format_bytes
     if not budget_bytes:
         return "none (least memory)"
     binary = format_bytes(budget_bytes)
-    decimal = format_bytes(budget_bytes, binary=False)
-    return binary if budget_bytes % 2**20 == 0 or decimal == binary else f"{decimal} ({binary})"
+    if budget_bytes % 10**6 == 0 and budget_bytes % 2**20 != 0:
+        return f"{format_bytes(budget_bytes, binary=False)} ({binary})"
+    return binary
 
 
 def _shape_text(shape) -> str:
@@ -253,9 +280,12 @@ def cmd_optimize(args, out, err) -> int:
     loaded = _load(args, err)
     module = _compile(loaded, args, err)
     plan = module.memplan_plan
+    reload_note = ""
     if args.out:
         plan.to_json(args.out)
-        loads = _check_reload(loaded, args, err) if plan.rev else ""
+        reload_note = _check_reload(loaded, args, err) if plan.rev else ""
+        if reload_note:
+            err.print(f"note: {reload_note}", markup=False, soft_wrap=True)
     if args.plot:
         with _status(err, "simulating both steps for the timeline ..."):
             curves = {name: steady_timeline(m, loaded.inputs, optimizer=args.optimizer, scratch=_scratch(args))
@@ -264,11 +294,9 @@ def cmd_optimize(args, out, err) -> int:
                           title=f"{loaded.model_source}, input {_shape_text(loaded.input_shapes[0])}, "
                           f"optimizer {args.optimizer}, scratch {_scratch(args)} (simulated)")
     if args.json:
-        print(json.dumps(_optimize_record(loaded, plan, args), indent=1), file=args.json_file)
+        print(to_json(_optimize_record(loaded, plan, args, reload_note)), file=args.json_file)
         return EXIT_OK
-    _print_optimize(out, loaded, plan, args)
-    if args.out and loads:
-        err.print(f"note: {loads}", markup=False, soft_wrap=True)
+    _print_optimize(out, loaded, plan, args, reloads=not reload_note)
     return EXIT_OK
 
 
@@ -285,7 +313,7 @@ def _check_reload(loaded, args, err) -> str:
     return ""
 
 
-def _optimize_record(loaded, plan, args) -> dict:
+def _optimize_record(loaded, plan, args, reload_note: str = "") -> dict:
     """The machine-readable summary of ``memplan optimize`` (the full plan under "plan")."""
     sim_v, sim_p = plan.simulated_vanilla_peak_bytes, plan.simulated_peak_bytes
     return {
@@ -299,11 +327,12 @@ def _optimize_record(loaded, plan, args) -> dict:
         "peak_ratio": None if not sim_v or sim_p is None else sim_p / sim_v,
         "overhead": plan.predicted_overhead, "planning_time_s": plan.planning_time_s,
         "segments": _segment_rows(plan, True), "rev": [asdict(r) for r in plan.rev], "notes": list(plan.notes),
-        "plan_file": args.out, "plot_file": args.plot, "plan": json.loads(plan.to_json()),
+        "plan_file": args.out, "plan_file_loads": (not reload_note) if args.out else None, "plot_file": args.plot,
+        "plan": json.loads(plan.to_json()),
     }
 
 
-def _print_optimize(out, loaded, plan, args) -> None:
+def _print_optimize(out, loaded, plan, args, *, reloads: bool = True) -> None:
     from rich.table import Table
     sim_v, sim_p = plan.simulated_vanilla_peak_bytes, plan.simulated_peak_bytes
     nodes = sum(len(s.nodes) for s in plan.segments)
@@ -332,8 +361,8 @@ def _print_optimize(out, loaded, plan, args) -> None:
     for note in plan.notes:
         out.print(f"note: {note}", soft_wrap=True)
     if args.out:
-        out.print(f"wrote {args.out}: memplan.compile(model, x, plan={args.out!r}) reuses it "
-                  "(same model, input shape and dtype)", soft_wrap=True)
+        out.print(f"wrote {args.out}" + (f": memplan.compile(model, x, plan={args.out!r}) reuses it (same model, "
+                                         "input shape and dtype)" if reloads else ""), soft_wrap=True)
     if args.plot:
         out.print(f"wrote {args.plot}")
 
@@ -402,7 +431,7 @@ def cmd_fit(args, out, err) -> int:
                             dtype=loaded.inputs[0].dtype, peak_wrapper=wrap)
     record = _fit_record(loaded, grid, results, budget, args)
     if args.json:
-        print(json.dumps(record, indent=1), file=args.json_file)
+        print(to_json(record), file=args.json_file)
     else:
         _print_fit(out, loaded, grid, results, budget)
     if all(r.shape is None for r in results):
@@ -433,10 +462,11 @@ def _print_fit(out, loaded, grid, results, budget) -> None:
     vox0 = math.prod(grid.base[a] for a in grid.axes)
     axes = f"axes {', '.join(map(str, grid.axes))} grown in multiples of {', '.join(map(str, grid.multiples))}"
     table = Table(title=f"largest input within {_budget_text(budget)}: {loaded.model_source}", title_justify="left",
-                  caption=f"{axes}; peaks are simulated training steps (smallest each strategy reaches); voxels: "
-                  "max input vs given; next size up: the next grid shape, over the budget", caption_justify="left")
-    for col, just in (("strategy", "left"), (f"peak at {_shape_text(grid.base)}", "right"), ("max input", "left"),
-                      ("peak", "right"), ("voxels", "right"), ("next size up", "left")):
+                  caption=f"given input {_shape_text(grid.base)}; {axes}; peaks: simulated training steps, the "
+                  "smallest each strategy reaches; x given: max input size / given; next size up: the next "
+                  "grid shape, over the budget", caption_justify="left")
+    for col, just in (("strategy", "left"), ("peak at given", "right"), ("max input", "left"),
+                      ("peak", "right"), ("x given", "right"), ("next size up", "left")):
         table.add_column(col, justify=just)
     for r in results:
         pct = f" ({r.base_peak_bytes / base_v:.0%})" if base_v else ""
@@ -481,7 +511,7 @@ def cmd_measure(args, out, err) -> int:
             row["step_time_s"] = times[name]
     record = _measure_record(loaded, plan, rows, args, scratch)
     if args.json:
-        print(json.dumps(record, indent=1), file=args.json_file)
+        print(to_json(record), file=args.json_file)
     else:
         _print_measure(out, loaded, record, args)
     return EXIT_OK
@@ -531,9 +561,9 @@ def _measure_record(loaded, plan, rows, args, scratch) -> dict:
 
 def _print_measure(out, loaded, rec, args) -> None:
     from rich.table import Table
-    table = Table(title=f"{loaded.model_source}, input {_shape_text(loaded.input_shapes[0])}, optimizer "
-                  f"{rec['optimizer']}, budget {_budget_text(rec['budget_bytes'])}",
-                  title_justify="left")
+    out.print(f"{loaded.model_source}, input {_shape_text(loaded.input_shapes[0])}, optimizer {rec['optimizer']}, "
+              f"budget {_budget_text(rec['budget_bytes'])}" + (", REV" if rec["rev"] else ""), soft_wrap=True)
+    table = Table()
     cols = [("", "left"), ("simulated peak", "right")]
     if args.real:
         cols += [("measured peak", "right"), ("sim. error", "right"), ("step time", "right")]

@@ -57,15 +57,22 @@ def test_optimize_text_names_every_figure(capsys):
         assert needle in text, needle
 
 
-def test_optimize_rev_reports_what_it_replaced(capsys):
-    """GCP+REV reaches below the GCP floor on this net; the table and JSON name the replaced blocks."""
-    gcp_floor = memplan.plan(load_model(CONVNET).model, load_model(CONVNET).inputs).simulated_peak_bytes
-    assert main(["optimize", CONVNET, "--rev", "--json"]) == EXIT_OK
+def test_optimize_rev_reports_what_it_replaced(tmp_path, capsys):
+    """GCP+REV reaches below the GCP floor on this net; the table and JSON name the replaced blocks,
+    and the plan file rebuilds the same substituted network."""
+    loaded = load_model(CONVNET)
+    gcp_floor = memplan.plan(loaded.model, loaded.inputs).simulated_peak_bytes
+    plan_file = tmp_path / "rev.json"
+    assert main(["optimize", CONVNET, "--rev", "--json", "--out", str(plan_file)]) == EXIT_OK
     out, err = capsys.readouterr()
     rec = json.loads(out)
     assert rec["rev"] and rec["planned_peak_bytes"] < gcp_floor
     assert {r["name"] for r in rec["rev"]} == {n for s in rec["segments"] for n in s["rev"]}
     assert "REV substitution changed the network" in err          # the warning is a note on stderr
+    assert rec["plan_file_loads"] is True
+    with pytest.warns(UserWarning):
+        compiled = memplan.compile(loaded.model, loaded.inputs, plan=str(plan_file))
+    assert memplan.simulate_step(compiled, loaded.inputs).peak_bytes == rec["planned_peak_bytes"]
 
 
 # -- fit -----------------------------------------------------------------------------------------------
@@ -187,3 +194,15 @@ def test_help_has_examples_and_says_the_file_runs(command, capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "examples:" in text and f"memplan {command} examples/" in text and "EXECUTES" in text
     assert "--scratch {cpu,none}" in text and "cpu: count CPU convolution scratch buffers" in text
+
+
+def test_segment_rows_merge_only_runs_of_stored_segments():
+    from memplan.cli import _segment_rows
+    loaded = load_model(TINY)
+    plan = memplan.plan(loaded.model, loaded.inputs, budget="18MiB")
+    compact, full = _segment_rows(plan, False), _segment_rows(plan, True)
+    assert len(full) == len(plan.segments)
+    assert [n for r in compact for n in r["nodes"]] == [n for s in plan.segments for n in s.nodes]
+    assert [r["mode"] for r in compact if r["mode"] == "recompute"] == ["recompute"] * len(plan.recomputed_segments)
+    assert all(a["mode"] != "store" or b["mode"] != "store" for a, b in zip(compact, compact[1:]))
+    assert sum(r["kept_bytes"] for r in compact) == sum(s.kept_bytes for s in plan.segments)

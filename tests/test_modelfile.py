@@ -50,10 +50,10 @@ def test_split_reference(ref, split):
 def test_instance_and_example_inputs():
     loaded = load_model(str(EXAMPLES / "convnet_instance.py"))
     assert isinstance(loaded.model, nn.Sequential) and loaded.model_source.startswith("model in ")
-    assert loaded.input_shapes == ((1, 1, 16, 16, 16),) and loaded.inputs[0].is_meta
+    assert loaded.input_shapes == ((2, 1, 16, 16, 16),) and loaded.inputs[0].is_meta
     assert loaded.input_source.startswith("example_inputs()")
     # the file's real tensor is kept for measured steps: seeded, so equal to a fresh draw
-    expected = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded.real_inputs[0], expected)
 
 

@@ -25,7 +25,7 @@ __all__ = ["CaseResult", "scale_box", "predict_roi", "heatmap_peaks", "predict_c
 
 @dataclass(frozen=True)
 class CaseResult:
-    """Metrics of one case and how well its ROI covered the ground-truth box (IoU)."""
+    """Metrics of one case and how well its ROI matched the ground-truth box (IoU)."""
 
     case_id: str
     metrics: FemurMetrics
@@ -80,11 +80,15 @@ def predict_case(model: BranchedFemurNet, case: Case, box: Box3D, patch_size: Se
 
 
 def _case_result(model, case: Case, patch_size, roi_model, roi_size, margin_vox: int) -> CaseResult:
+    """Without a detector the ground-truth ROI is used; a detector that finds nothing gives the whole volume."""
     truth_box = mask_box(case.mask, margin_vox)
-    box = predict_roi(roi_model, roi_size, case, margin_vox) if roi_model is not None else None
-    mask, points = predict_case(model, case, box or truth_box, patch_size)
+    if roi_model is None:
+        box = truth_box
+    else:
+        box = predict_roi(roi_model, roi_size, case, margin_vox) or Box3D((0, 0, 0), case.shape)
+    mask, points = predict_case(model, case, box, patch_size)
     metrics = femur_metrics(mask, case.mask > 0, points, case.landmark_array(LANDMARKS), case.spacing_mm)
-    return CaseResult(case.case_id, metrics, (box or truth_box).iou(truth_box), box is not None)
+    return CaseResult(case.case_id, metrics, box.iou(truth_box), roi_model is not None)
 
 
 def evaluate(data_dir: str | Path, checkpoint_dir: str | Path, *, case_ids: Sequence[str] | None = None,
