@@ -70,25 +70,52 @@ def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "ada
     if not simulate:
         return result
     vanilla = simulate_step(graph.gm, example_inputs, loss_fn=loss_fn, optimizer=optimizer, scratch=scratch).peak_bytes
-    target = budget_b
-    for _ in range(CALIBRATION_ROUNDS):
-        sim = simulate_step(rewrite(graph, result), example_inputs, loss_fn=loss_fn, optimizer=optimizer,
+
+    def simulated(p: Plan) -> Plan:
+        sim = simulate_step(rewrite(graph, p), example_inputs, loss_fn=loss_fn, optimizer=optimizer,
                             scratch=scratch).peak_bytes
-        result = with_simulation(result, sim, vanilla)
-        if budget_b is None or sim <= budget_b:
-            return result
-        target = target - (sim - budget_b)       # the cost model was optimistic by this much
+        return with_simulation(dataclasses.replace(p, budget_bytes=budget_b), sim, vanilla)
+
+    def plan_at(target: int) -> Plan:
+        return plan_graph(graph, dataclasses.replace(opts, budget_bytes=max(int(target), 1)), scratch=scr,
+                          pinned=pinned)
+
+    if budget_b is None:
+        return simulated(result)
+    return _fit_to_budget(simulated(result), budget_b, simulated, plan_at)
+
+
+def _fit_to_budget(first: Plan, budget_b: int, simulated, plan_at) -> Plan:
+    """Move the DP's internal budget by the simulation's error: tighten until the simulated step fits
+    the budget, then loosen while it still fits and recomputes less. Returns the best fitting plan."""
+    result, target, best = first, budget_b, None
+    for _ in range(CALIBRATION_ROUNDS):
+        sim = result.simulated_peak_bytes
+        if sim <= budget_b:
+            if best is not None and result.predicted_overhead >= best.predicted_overhead:
+                break                                   # loosening stopped paying
+            best = result
+            if budget_b - sim < 0.01 * budget_b:
+                break                                   # within 1% of the budget: good enough
+            target += budget_b - sim                    # the cost model was pessimistic by this much
+        elif best is not None:
+            break                                       # loosened past the budget: keep the last fit
+        else:
+            target -= sim - budget_b                    # the cost model was optimistic by this much
         try:
-            tighter = plan_graph(graph, dataclasses.replace(opts, budget_bytes=max(target, 1)), scratch=scr,
-                                 pinned=pinned)
+            nxt = plan_at(target)
         except BudgetError:
             break
-        result = dataclasses.replace(tighter, budget_bytes=budget_b)
-    raise BudgetError(
-        f"budget {format_bytes(budget_b)} is below the smallest feasible peak found: the best plan simulates "
-        f"at {format_bytes(sim)}; raise the budget to at least "
-        f"{format_bytes(sim)}",
-        budget_bytes=budget_b, min_feasible_bytes=int(sim))
+        if nxt.segments == result.segments:
+            break
+        result = simulated(nxt)
+    if best is None:
+        raise BudgetError(
+            f"budget {format_bytes(budget_b)} is below the smallest feasible peak found: the best plan simulates "
+            f"at {format_bytes(result.simulated_peak_bytes)}; raise the budget to at least "
+            f"{format_bytes(result.simulated_peak_bytes)}",
+            budget_bytes=budget_b, min_feasible_bytes=int(result.simulated_peak_bytes))
+    return best
 
 
 def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",

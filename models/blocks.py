@@ -5,7 +5,7 @@ in ``__init__``; none writes state in ``forward`` (a checkpointed segment may ru
 """
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401  (used by the doctests)
 from torch import nn
 
 __all__ = ["conv_nd", "norm_nd", "pool_nd", "ConvNormAct", "DoubleConv", "check_channels"]

@@ -1,4 +1,5 @@
 """The memplan command line: each command in a subprocess on example files, and every error path's exit code."""
+import itertools
 import json
 import os
 import re
@@ -204,5 +205,5 @@ def test_segment_rows_merge_only_runs_of_stored_segments():
     assert len(full) == len(plan.segments)
     assert [n for r in compact for n in r["nodes"]] == [n for s in plan.segments for n in s.nodes]
     assert [r["mode"] for r in compact if r["mode"] == "recompute"] == ["recompute"] * len(plan.recomputed_segments)
-    assert all(a["mode"] != "store" or b["mode"] != "store" for a, b in zip(compact, compact[1:]))
+    assert all(a["mode"] != "store" or b["mode"] != "store" for a, b in itertools.pairwise(compact))
     assert sum(r["kept_bytes"] for r in compact) == sum(s.kept_bytes for s in plan.segments)

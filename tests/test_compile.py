@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import memplan
 from memplan import BudgetError, MemplanError, Plan, PlanMismatchError
