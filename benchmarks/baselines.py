@@ -23,7 +23,8 @@ from memplan.graph import MemGraph
 from memplan.plan import Plan, chain_to_segments
 
 __all__ = ["Checkpointed", "checkpoint_modules", "block_checkpointed", "fetusmap_rule_names", "fetusmap_rule",
-           "articulation_points", "chen_chain", "chen_plan", "compiled_with_budget", "CompiledStep"]
+           "recomputed_fraction", "articulation_points", "chen_chain", "chen_plan", "compiled_with_budget",
+           "CompiledStep"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PASS_TAIL = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU)
@@ -93,15 +94,29 @@ def fetusmap_rule_names(model: nn.Module) -> list[str]:
         chain = _pass_of(gm, node)
         if _feeds_cat(chain[-1]):
             continue
-        parent, _, _ = node.target.rpartition(".")
-        siblings = [f"{parent}.{c}" if parent else c for c, _ in (gm.get_submodule(parent) if parent else gm).named_children()]
-        whole = parent and isinstance(model.get_submodule(parent), nn.Sequential) and siblings == [n.target for n in chain]
+        parent = node.target.rpartition(".")[0]
+        whole = bool(parent) and isinstance(model.get_submodule(parent), nn.Sequential) and [
+            f"{parent}.{c}" for c, _ in gm.get_submodule(parent).named_children()] == [n.target for n in chain]
         names.append(parent if whole else node.target)
     return list(dict.fromkeys(names))
 
 
 def fetusmap_rule(model: nn.Module) -> nn.Module:
     return checkpoint_modules(model, fetusmap_rule_names(model))
+
+
+def recomputed_fraction(graph: MemGraph, names: list[str] | tuple[str, ...]) -> float:
+    """Forward FLOPs of the module calls inside the named (checkpointed) modules / all forward FLOPs:
+    what their backward re-runs. Function calls inside them (an attention's softmax) are not counted.
+
+    >>> import memplan
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    >>> round(recomputed_fraction(memplan.trace(net, torch.empty(1, 4, device="meta")), ["1"]), 3)
+    0.667
+    """
+    inside = [i.flops for i in graph if i.op == "call_module"
+              and any(i.target == n or str(i.target).startswith(n + ".") for n in names)]
+    return sum(inside) / (graph.total_flops or 1)
 
 
 # -- Chen et al. 2016: sqrt(n) segments over articulation points ---------------------------------------

@@ -117,12 +117,14 @@ def _vanilla(model, x, task):
 def _blocks(model, x, task):
     spec = spec_for(task.model, task.quick)
     return {"peak_bytes": _sim(baselines.block_checkpointed(model, spec.blocks), x, task.scratch),
+            "overhead": baselines.recomputed_fraction(memplan.trace(model, x), spec.blocks),
             "note": f"{len(spec.blocks)} blocks"}
 
 
 def _rule(model, x, task):
     names = baselines.fetusmap_rule_names(model)
     return {"peak_bytes": _sim(baselines.checkpoint_modules(model, names), x, task.scratch),
+            "overhead": baselines.recomputed_fraction(memplan.trace(model, x), names),
             "note": f"{len(names)} passes checkpointed"}
 
 

@@ -215,7 +215,8 @@ def run_notes(args, setup: dict, load: tuple[float, float]) -> list[str]:
         "ratio to vanilla in the same run. torch.compile rows exclude compilation (shown as 'compile' in the "
         "planning column).",
         "Recomputed FLOPs = forward FLOPs re-run in backward / forward FLOPs (memplan's count; REV adds one F and "
-        "one G evaluation per block). Not counted for by-hand checkpointing and torch.compile.",
+        "one G evaluation per block). By-hand rows: the FLOPs of the module calls inside the checkpointed "
+        "modules. Not counted for torch.compile.",
         "peak/floor: floor = parameters + gradients + Adam state + buffers and input + the largest single-op "
         "working set (one op's input and output tensors, plus its kernel scratch under scratch=cpu) of the "
         "unplanned network: what any schedule holds while it runs that op.",
@@ -225,7 +226,8 @@ def run_notes(args, setup: dict, load: tuple[float, float]) -> list[str]:
         "memplan 0.57 x vanilla = the time-centric GCP plan (least recompute) under FetusMapV2's UGCPREV ratio.",
         f"Rockmate: {methods.rockmate_skip_reason() or 'run on CUDA under 0.57 x vanilla'}.",
         f"Machine load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
-        f"({os.cpu_count()} CPUs): step times on a shared machine are noisy.",
+        f"({os.cpu_count()} CPUs): step times on a shared machine are noisy (two identical modules can differ "
+        "by 15%).",
     ]
     if not methods.rev_available():
         notes.append("REV rows: n/a (memplan.rev_plan missing).")

@@ -134,17 +134,19 @@ def plot_model(m: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    panels = (("paper", "overhead", f"predicted @{m['paper_size']} (scratch=none)", "recomputed forward FLOPs (x forward)"),
+    panels = (("paper", "overhead", f"predicted @{m['paper_size']} (scratch=none)",
+               "(forward + recomputed) FLOPs / forward FLOPs"),
               ("measured", "time_ratio", f"measured @{_shape(m['measure']['shape'])} ({m['measure']['device']})",
                "step time / vanilla step time"))
     for ax, (part, xkey, title, xlabel) in zip(axes, panels):
-        for i, r in enumerate(m["rows"]):
+        for i, r in enumerate(m["rows"]):          # one colour and marker per method in both panels
             d = r[part]
             x, y = d.get(xkey), d.get("ratio")
             if x is None or y is None:
                 continue
             x = 1 + x if xkey == "overhead" else x
-            ax.scatter([x], [y], s=60, marker="os^vD<>p*hX"[i % 11], label=r["label"], zorder=3)
+            ax.scatter([x], [y], s=70, marker="os^vD<>p*hX"[i % 11], color=f"C{i % 10}", label=r["label"],
+                       edgecolors="black", linewidths=0.5, zorder=3)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
