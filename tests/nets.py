@@ -159,3 +159,16 @@ def random_spec(draw_int, n: int) -> list[tuple]:
         else:
             spec.append((kind, a))
     return spec
+
+
+class PlainCoupling(nn.Module):
+    """y1 = x1 + F(x2), y2 = x2 + G(y1) through ordinary autograd: the independent truth for REV blocks."""
+
+    def __init__(self, f, g):
+        super().__init__()
+        self.f, self.g = f, g
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        y1 = x1 + self.f(x2)
+        return torch.cat([y1, x2 + self.g(y1)], dim=1)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.nets import PlainCoupling
 from memplan.errors import MemplanError
 from memplan.rev import (
     RevEligibilityError,
@@ -78,15 +79,6 @@ class Misc(nn.Module):
         return a, b, torch.relu(self.bn(t)) + t, s, self.bn_sig(x)
 
 
-class PlainCoupling(nn.Module):
-    def __init__(self, f, g):
-        super().__init__()
-        self.f, self.g = f, g
-
-    def forward(self, x):
-        x1, x2 = x.chunk(2, dim=1)
-        y1 = x1 + self.f(x2)
-        return torch.cat([y1, x2 + self.g(y1)], dim=1)
 
 
 def _meta(*shape, dtype=torch.float32):

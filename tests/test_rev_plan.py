@@ -15,22 +15,11 @@ from memplan.rev import find_rev_candidates
 from memplan.rev_plan import chain_violation, convert_partition, free_input_flags, rebuild_rev_graph, rev_only_plan
 from memplan.reversible import ReversibleBlock
 from memplan.rewrite import rewrite
-from tests.nets import TinyUNet3D
+from tests.nets import PlainCoupling, TinyUNet3D
 
 META = dict(device="meta")
 
 
-class PlainCoupling(nn.Module):
-    """y1 = x1 + F(x2), y2 = x2 + G(y1) through ordinary autograd: the independent truth."""
-
-    def __init__(self, f, g):
-        super().__init__()
-        self.f, self.g = f, g
-
-    def forward(self, x):
-        x1, x2 = x.chunk(2, dim=1)
-        y1 = x1 + self.f(x2)
-        return torch.cat([y1, x2 + self.g(y1)], dim=1)
 
 
 def chain_net(channels=4, layers=3):

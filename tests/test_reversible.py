@@ -8,20 +8,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.nets import PlainCoupling
 from memplan.reversible import ReversibleBlock, coupling_param_count, is_reversible_leaf, make_conv_bn_relu_coupling
 
 
-class PlainCoupling(nn.Module):
-    """The same y1 = x1 + F(x2), y2 = x2 + G(y1) through ordinary autograd: the independent truth."""
-
-    def __init__(self, f, g):
-        super().__init__()
-        self.f, self.g = f, g
-
-    def forward(self, x):
-        x1, x2 = x.chunk(2, dim=1)
-        y1 = x1 + self.f(x2)
-        return torch.cat([y1, x2 + self.g(y1)], dim=1)
 
 
 def _rev_and_plain_chains(n_blocks, channels, *, free_input, dtype=torch.float64, dropout=0.0):
