@@ -172,3 +172,17 @@ class PlainCoupling(nn.Module):
         x1, x2 = x.chunk(2, dim=1)
         y1 = x1 + self.f(x2)
         return torch.cat([y1, x2 + self.g(y1)], dim=1)
+
+
+#: A model file whose forward branches on a tensor value: no tracer can capture it.
+UNTRACEABLE_MODEL_SOURCE = """
+    from torch import nn
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(1, 2, 3, padding=1)
+        def forward(self, x):
+            y = self.conv(x)
+            return y * 2 if y.mean() > 0 else y
+    INPUT_SHAPE = (1, 1, 8, 8, 8)
+"""

@@ -14,6 +14,7 @@ import torch
 import memplan
 from memplan.cli import EXIT_BUDGET, EXIT_OK, EXIT_USAGE, main
 from memplan.modelfile import load_model
+from tests.nets import UNTRACEABLE_MODEL_SOURCE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "tiny_unet.py")
@@ -143,17 +144,7 @@ def test_subprocess_exit_codes(tmp_path):
     assert "smallest feasible peak" in infeasible.stderr and "REV would reach" in infeasible.stderr
 
 
-UNTRACEABLE = """
-    from torch import nn
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv3d(1, 2, 3, padding=1)
-        def forward(self, x):
-            y = self.conv(x)
-            return y * 2 if y.mean() > 0 else y
-    INPUT_SHAPE = (1, 1, 8, 8, 8)
-"""
+UNTRACEABLE = UNTRACEABLE_MODEL_SOURCE
 
 
 @pytest.mark.parametrize("argv, code, match", [

@@ -10,6 +10,7 @@ import memplan
 from memplan.modelfile import ModelFileError, load_model, parse_shape, split_reference
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from tests.nets import UNTRACEABLE_MODEL_SOURCE
 
 
 def write(tmp_path: Path, name: str, body: str) -> Path:
@@ -134,17 +135,7 @@ def test_no_model_lists_what_the_file_defines():
 def test_value_dependent_forward_is_left_to_the_tracer(tmp_path):
     """A forward that reads tensor values cannot run on meta: the shape check stays silent and the
     tracer's TraceError (which says how to fix forward) is what the user sees."""
-    path = write(tmp_path, "branchy.py", """
-        from torch import nn
-        class Model(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.conv = nn.Conv3d(1, 2, 3, padding=1)
-            def forward(self, x):
-                y = self.conv(x)
-                return y * 2 if y.mean() > 0 else y
-        INPUT_SHAPE = (1, 1, 8, 8, 8)
-    """)
+    path = write(tmp_path, "branchy.py", UNTRACEABLE_MODEL_SOURCE)
     loaded = load_model(str(path))
     with pytest.raises(memplan.TraceError, match="Python control flow"):
         memplan.trace(loaded.model, loaded.inputs)
