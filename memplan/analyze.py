@@ -1,5 +1,6 @@
-"""Per-node memory analysis: run a GraphModule once on meta tensors and record, for each node,
-the storage it allocates, what autograd saves for its backward (saved-tensor hooks), and FLOPs."""
+"""Per-node memory analysis: run a GraphModule once on fake tensors and record, for each node,
+the storage it allocates, what autograd saves for its backward (saved-tensor hooks), what it writes
+in place (ATen schemas), and FLOPs."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,11 +12,13 @@ import torch.fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._meta import meta_copy, storage_key, tensors_in, to_meta
+from ._meta import FakeWorld, home_device, storage_key, tensors_in, written_args
 from .graph import MemGraph, NodeInfo
 from .measure import conv_scratch_bytes
 
-_PARAM, _INPUT = "<param>", "<input>"
+_PARAM, _BUFFER, _INPUT = "<param>", "<buffer>", "<input>"
+#: owners of storages outside the DAG, as NodeInfo.mutates names them
+OUTSIDE = (_PARAM, _BUFFER, _INPUT)
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -26,8 +29,10 @@ class _Recorder(torch.fx.Interpreter):
         self.owner: dict[int, str] = {}        # storage key -> producing node name, or _PARAM / _INPUT
         self.infos: dict[str, NodeInfo] = {}
         self.saved_refs: list[torch.Tensor] = []  # keep saved tensors alive so storage keys stay unique
-        for t in list(gm.parameters()) + list(gm.buffers()):
+        for t in gm.parameters():
             self.owner[storage_key(t)] = _PARAM
+        for t in gm.buffers():
+            self.owner.setdefault(storage_key(t), _BUFFER)
 
     def placeholder(self, target, args, kwargs):
         value = super().placeholder(target, args, kwargs)
@@ -56,7 +61,10 @@ class _Recorder(torch.fx.Interpreter):
             value = super().run_node(n)
         self.saved_refs.extend(packed)
         info = self._info(n, value, packed, flops.get_total_flops())
-        self.infos[n.name] = dataclasses.replace(info, scratch_cpu_bytes=scratch.peak)
+        # storages that existed before this node and that it wrote into: in-place ops on others' values
+        mutates = tuple(dict.fromkeys(self.owner[k] for k in scratch.written if k in self.owner
+                                      and self.owner[k] != n.name))
+        self.infos[n.name] = dataclasses.replace(info, scratch_cpu_bytes=scratch.peak, mutates=mutates)
         return value
 
     def _info(self, n: torch.fx.Node, value: Any, packed: list[torch.Tensor], flops: int) -> NodeInfo:
@@ -84,7 +92,7 @@ class _Recorder(torch.fx.Interpreter):
             nbytes = t.untyped_storage().nbytes()
             if who is None:
                 extra += nbytes
-            elif who == _PARAM:
+            elif who in (_PARAM, _BUFFER):
                 params += nbytes
             elif who == _INPUT:
                 inputs += nbytes
@@ -96,19 +104,26 @@ class _Recorder(torch.fx.Interpreter):
         return NodeInfo(
             name=n.name, op=n.op, target=_target_name(n),
             out_shapes=tuple(tuple(t.shape) for t in outs), out_dtypes=tuple(str(t.dtype) for t in outs),
-            out_bytes=out_bytes, alias_of=None if alias_of in (_PARAM, _INPUT) else alias_of,
+            out_bytes=out_bytes, alias_of=None if alias_of in OUTSIDE else alias_of,
             saved_from=tuple(saved_from), saved_extra_bytes=extra, saved_input_bytes=inputs,
             saved_param_bytes=params, flops=int(max(flops, numel)), has_params=has_params)
 
 
+def _owned_keys(tree: Any) -> set[int]:
+    return {storage_key(t) for t in tensors_in(tree)}
+
+
 class _ScratchProbe(TorchDispatchMode):
-    """Largest CPU convolution scratch (forward or backward) among the ops one node dispatches."""
+    """Largest CPU convolution scratch (forward or backward) among the ops one node dispatches, and
+    the storages those ops write into (their schemas' mutable arguments)."""
 
     def __init__(self):
         super().__init__()
         self.peak = 0
+        self.written: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.written += [storage_key(t) for t in written_args(func, args, kwargs or {})]
         if str(func.overloadpacket) == "aten.convolution":
             x, w, stride, padding, transposed, groups = args[0], args[1], args[3], args[4], bool(args[6]), int(args[8])
             self.peak = max(self.peak, *(conv_scratch_bytes(x, w, stride, padding, transposed, groups, backward=b)
@@ -159,15 +174,17 @@ def _root(infos: dict[str, NodeInfo], name: str) -> str:
 
 def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "fx",
             notes: tuple[str, ...] = ()) -> MemGraph:
-    """Build the MemGraph of ``gm``: one meta-tensor forward with saved-tensor hooks and FLOP counting.
+    """Build the MemGraph of ``gm``: one fake-tensor forward with saved-tensor hooks and FLOP counting.
 
     Nodes that produce no tensor (guards, asserts) are left out of the DAG; views and in-place ops
-    stay in it with ``out_bytes == 0`` and ``alias_of`` set.
+    stay in it with ``out_bytes == 0`` and ``alias_of`` set; in-place writes into other nodes' values
+    become ``MemGraph.together`` groups, writes into inputs or parameters ``MemGraph.pinned`` nodes.
     """
-    mgm = meta_copy(gm)
-    inputs = to_meta(example_inputs)
-    rec = _Recorder(mgm)
-    with torch.enable_grad():
+    world = FakeWorld(home_device(gm, example_inputs))
+    fgm = world.module(gm)
+    inputs = world.inputs(example_inputs)
+    rec = _Recorder(fgm)
+    with world.mode, torch.enable_grad():
         result = rec.run(*inputs)
     infos = rec.infos
     dag = nx.DiGraph()
@@ -199,9 +216,36 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
     buffer_bytes = sum(b.numel() * b.element_size() for b in gm.buffers())
     input_bytes = sum(t.numel() * t.element_size() for t in tensors_in(example_inputs))
     del result
+    together, pinned = _mutation_constraints(gm, dag, order, infos, keep)
     return MemGraph(gm=gm, dag=dag, order=order, outputs=outputs, input_bytes=input_bytes,
                     param_bytes=param_bytes, trainable_param_bytes=trainable, buffer_bytes=buffer_bytes,
-                    tracer=tracer, trace_notes=notes, shared_reads=tuple(shared))
+                    tracer=tracer, trace_notes=notes, shared_reads=tuple(shared), together=together,
+                    pinned=pinned)
+
+
+def _mutation_constraints(gm: torch.fx.GraphModule, dag: nx.DiGraph, order: list[str], infos: dict[str, NodeInfo],
+                          keep: set[str]) -> tuple[tuple[tuple[str, ...], ...], frozenset[str]]:
+    """What in-place writes demand of a plan, so a recomputation never replays one on a changed value.
+
+    A node writing into another node's storage must share a segment with that storage's producer and
+    with every earlier reader of it (a recomputed segment then replays the same sequence); a node
+    writing into a graph input or a parameter is never recomputed, nor are the earlier readers of
+    that tensor. Buffer writes need neither: recomputation runs on the buffers as they were.
+    """
+    index = {name: i for i, name in enumerate(order)}
+    together, pinned = [], set()
+    for m in order:
+        for owner in infos[m].mutates:
+            earlier = order[:index[m]]
+            if owner in index:
+                root = _root(infos, owner)
+                readers = [u for u in earlier
+                           if any(_root(infos, p) == root for p in dag.predecessors(u))]
+                together.append(tuple(sorted({root, m, *readers}, key=index.__getitem__)))
+            elif owner in (_PARAM, _INPUT):
+                mine = _sources(gm, m, keep)
+                pinned |= {m} | {u for u in earlier if _sources(gm, u, keep) & mine}
+    return tuple(dict.fromkeys(together)), frozenset(pinned)
 
 
 class _Timer(torch.fx.Interpreter):

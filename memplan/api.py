@@ -61,7 +61,7 @@ def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "ada
                 f"(the least-memory plan, simulated; optimizer {optimizer}); raise the budget to at least "
                 f"{format_bytes(sim)}, use a smaller input or batch, or a lighter optimizer",
                 budget_bytes=budget_b, min_feasible_bytes=sim) from None
-        vanilla = simulate_step(graph.gm, example_inputs, loss_fn=loss_fn, optimizer=optimizer,
+        vanilla = simulate_step(graph.original_gm, example_inputs, loss_fn=loss_fn, optimizer=optimizer,
                                 scratch=scratch).peak_bytes
         note = (f"budget is below the cost model's floor {format_bytes(err.min_feasible_bytes)}; "
                 "the least-memory plan meets it in simulation")
@@ -69,7 +69,7 @@ def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "ada
                                                    notes=least.notes + (note,)), sim, vanilla)
     if not simulate:
         return result
-    vanilla = simulate_step(graph.gm, example_inputs, loss_fn=loss_fn, optimizer=optimizer, scratch=scratch).peak_bytes
+    vanilla = simulate_step(graph.original_gm, example_inputs, loss_fn=loss_fn, optimizer=optimizer, scratch=scratch).peak_bytes
 
     def simulated(p: Plan) -> Plan:
         sim = simulate_step(rewrite(graph, p), example_inputs, loss_fn=loss_fn, optimizer=optimizer,

@@ -143,7 +143,7 @@ def build_costs(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, 
     succ_lists = tuple(tuple(idx[x] for x in graph.dag.successors(name)) for name in order)
     return CostArrays(out_b=out_b, needed_b=needed_b, extra_b=extra_b, work_b=work_b, scratch_b=scratch_b,
                       flops=flops, succ_masks=tuple(succ), succ_lists=succ_lists,
-                      pinned=np.array([nm in pinned for nm in order], dtype=bool), first_saver=first_saver,
+                      pinned=np.array([nm in pinned or nm in graph.pinned for nm in order], dtype=bool), first_saver=first_saver,
                       grad_owner=tuple(grad_owner),
                       static_bytes=int(static), n=n)
 

@@ -42,6 +42,8 @@ class NodeInfo:
     flops: int
     has_params: bool
     scratch_cpu_bytes: int = 0
+    #: owners of the storages this node writes in place: node names, or "<param>", "<buffer>", "<input>"
+    mutates: tuple[str, ...] = ()
 
     @property
     def saved_kinds(self) -> dict[str, int]:
@@ -70,10 +72,24 @@ class MemGraph:
     trace_notes: tuple[str, ...] = ()
     #: nodes reading one graph input or parameter (groups of 3 or more); see order_compatible()
     shared_reads: tuple[tuple[str, ...], ...] = ()
+    #: node groups an in-place write ties together: a plan puts each group in one segment
+    together: tuple[tuple[str, ...], ...] = ()
+    #: nodes that write into graph inputs or parameters (or read them before such a write): never recomputed
+    pinned: frozenset[str] = frozenset()
+    #: the traced module before in-place activations were made out-of-place (memplan.outofplace), if any
+    source_gm: torch.fx.GraphModule | None = field(default=None, repr=False)
+    #: what that rewrite changed: (node name, what it was) pairs
+    out_of_place: tuple[tuple[str, str], ...] = ()
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {name: i for i, name in enumerate(self.order)}
+        self._together_masks = [sum(1 << self._index[n] for n in g) for g in self.together]
+
+    @property
+    def original_gm(self) -> torch.fx.GraphModule:
+        """The module exactly as traced: what the user's own training step runs (the vanilla baseline)."""
+        return self.source_gm if self.source_gm is not None else self.gm
 
     # -- node access -----------------------------------------------------------------------------
     def info(self, name: str) -> NodeInfo:
@@ -173,13 +189,18 @@ class MemGraph:
 
         Autograd sums a value's gradient contributions in reverse creation order of its readers;
         with 3 or more readers a different order rounds differently, so a plan may only move a
-        reader ahead of an earlier one if it wants bitwise-equal gradients.
+        reader ahead of an earlier one if it wants bitwise-equal gradients. It must also keep every
+        in-place group whole (``keeps_together``).
         """
         for g in self.consumer_groups() if groups is None else groups:
             inside = [(mask >> i) & 1 for i in g]
             if any(b and not a for a, b in zip(inside, inside[1:])):
                 return False
-        return True
+        return self.keeps_together(mask)
+
+    def keeps_together(self, mask: int) -> bool:
+        """Whether lower set ``mask`` holds each in-place group (``together``) wholly or not at all."""
+        return all(mask & t in (0, t) for t in self._together_masks)
 
     def count_lower_sets(self, bound: int = DEFAULT_LOWER_SET_BOUND) -> int | None:
         """Number of lower sets, or None when it exceeds ``bound``."""

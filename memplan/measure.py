@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._meta import as_tuple, meta_copy, storage_key, tensors_in, to_meta
+from ._meta import FakeWorld, as_tuple, home_device, is_fake, storage_key, tensors_in
 from .errors import MemplanError
 
 OPTIMIZERS = ("adam", "sgd", "sgd-momentum", "none")
@@ -188,7 +188,8 @@ def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | 
                   optimizer: str = "adam", scratch: str = "cpu", steps: int = 2) -> MemoryReport:
     """Predict the peak memory of training ``model`` on ``example_inputs`` without compute.
 
-    Runs ``steps`` real training steps on meta copies; the model and inputs are not touched.
+    Runs ``steps`` real training steps on fake-tensor copies (no data, no compute); the model and
+    inputs are not touched.
     ``scratch="cpu"`` adds the CPU convolution kernels' transient buffers; ``"none"`` counts only
     tensors (what CUDA's allocator holds, cuDNN workspaces excluded).
 
@@ -201,8 +202,9 @@ def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | 
         raise MemplanError(f"unknown scratch model {scratch!r}; choose one of {SCRATCH_MODELS}")
     if optimizer not in OPTIMIZERS:
         raise MemplanError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    mmodel = meta_copy(model)
-    inputs = to_meta(as_tuple(example_inputs))
+    world = FakeWorld(home_device(model, example_inputs))
+    mmodel = world.module(model)
+    inputs = world.inputs(as_tuple(example_inputs))
     params = list(mmodel.parameters())
     param_keys = {storage_key(p) for p in params} | {storage_key(b) for b in mmodel.buffers()}
 
@@ -214,7 +216,7 @@ def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | 
         state = set()
         if opt is not None:
             for st in opt.state.values():
-                state |= {storage_key(v) for v in st.values() if isinstance(v, torch.Tensor) and v.is_meta}
+                state |= {storage_key(v) for v in st.values() if isinstance(v, torch.Tensor) and is_fake(v)}
         out = {"parameters": 0, "gradients": 0, "optimizer state": 0, "activations and other": 0}
         for key, nbytes in sizes.items():
             kind = ("parameters" if key in param_keys else "gradients" if key in grads
@@ -226,7 +228,7 @@ def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | 
     for t in params + list(mmodel.buffers()) + list(inputs):
         if isinstance(t, torch.Tensor):
             mode.track(t)
-    with mode:
+    with world.mode, mode:
         run_steps(mmodel, inputs, loss_fn, optimizer, steps=steps, on_optimizer=lambda o: holder.__setitem__(0, o))
     return MemoryReport(peak_bytes=mode.peak, breakdown=mode.breakdown, timeline=mode.timeline,
                         method=f"simulated (scratch={scratch})", peak_op=mode.peak_op)

@@ -154,7 +154,7 @@ UNTRACEABLE = UNTRACEABLE_MODEL_SOURCE
     (["optimize", TINY, "--input-shape", "1,1,x"], EXIT_USAGE, "cannot parse input shape '1,1,x'"),
     (["optimize", TINY, "--input-shape", "1,1,30,30,30"], EXIT_USAGE, "does not accept an input of shape 1x1x30x30x30"),
     (["optimize", TINY, "--budget", "12 bananas"], EXIT_USAGE, "cannot parse byte quantity '12 bananas'"),
-    (["optimize", "UNTRACEABLE"], EXIT_USAGE, "could not trace Model.*Fix: make forward"),
+    (["optimize", "UNTRACEABLE"], EXIT_USAGE, "Model cannot run without data.*Fix: forward reads a tensor.s values"),
     (["optimize", CONVNET, "--budget", "900KiB"], EXIT_BUDGET, "below the smallest feasible peak 978 KiB.*add --rev"),
     (["fit", TINY], EXIT_USAGE, "the following arguments are required: --budget"),
     (["fit", CONVNET, "--budget", "8MiB", "--axis", "1"], EXIT_USAGE, "axis 1 is the channel axis"),

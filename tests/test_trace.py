@@ -66,8 +66,9 @@ def test_silently_wrong_fx_trace_is_caught(device):
     assert sum(i.target.startswith("add") for i in g) == 1       # the skip the fx trace dropped is there
 
 
-def test_untraceable_model_raises_trace_error_naming_model_and_fix():
-    with pytest.raises(TraceError, match=r"(?s)ValueBranch.*torch\.fx.*torch\.export.*Fix:"):
+def test_untraceable_model_raises_trace_error_naming_model_construct_line_and_fix():
+    # a Python `if` on a tensor value: named with the model's own file:line and a fix for that construct
+    with pytest.raises(TraceError, match=r"(?s)ValueBranch.*nets\.py:\d+.*Fix:.*tensor's values.*torch\.where"):
         memplan.trace(ValueBranch(), torch.randn(1, 1, 4, 4, 4))
 
 

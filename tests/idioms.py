@@ -1,0 +1,139 @@
+"""Small 3D networks written the way public training code writes them: the idioms memplan must
+plan and train exactly like the original (in-place residuals and activations, tensors created in
+forward, stochastic depth, momentum-less BatchNorm, constants an exported graph bakes in)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class IAddResNet(nn.Module):
+    """Residual blocks with ``out += identity`` and in-place ReLUs (torchvision/MONAI ResNet style)."""
+
+    def __init__(self, width: int = 4, blocks: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(1, width, 3, padding=1), nn.BatchNorm3d(width), nn.ReLU(inplace=True))
+        self.convs = nn.ModuleList(nn.Sequential(nn.Conv3d(width, width, 3, padding=1), nn.BatchNorm3d(width),
+                                                 nn.ReLU(inplace=True), nn.Conv3d(width, width, 3, padding=1),
+                                                 nn.BatchNorm3d(width)) for _ in range(blocks))
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Conv3d(width, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv in self.convs:
+            identity = x
+            out = conv(x)
+            out += identity
+            x = self.act(out)
+        return self.head(x)
+
+
+class InplaceChain(nn.Module):
+    """Conv-norm-activation layers with an in-place activation (``act(inplace=True)``) and a pool."""
+
+    def __init__(self, act: type[nn.Module] = nn.ELU, inplace: bool = True, width: int = 4, layers: int = 6):
+        super().__init__()
+        mods: list[nn.Module] = []
+        c = 1
+        for i in range(layers):
+            mods += [nn.Conv3d(c, width, 3, padding=1), nn.InstanceNorm3d(width, affine=True), act(inplace=inplace)]
+            c = width
+            if i == layers // 2:
+                mods.append(nn.MaxPool3d(2))
+        self.body = nn.Sequential(*mods)
+        self.head = nn.Conv3d(width, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class TensorsInForward(nn.Module):
+    """Creates tensors in forward without ``device=``: a constant, a noise scale and a coordinate grid."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv3d(1, width, 3, padding=1), nn.ReLU(), nn.Conv3d(width, width, 3, padding=1),
+                                   nn.ReLU(), nn.Conv3d(width, width, 3, padding=1), nn.ReLU())
+        self.conv2 = nn.Conv3d(width + 1, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        scale = torch.ones(1) * 0.5 + torch.zeros(1)            # CPU tensors, no device=
+        grid = torch.linspace(-1, 1, x.shape[-1]).to(x.dtype).view(1, 1, 1, 1, -1).expand(x.shape[0], 1, *x.shape[2:])
+        return self.conv2(torch.cat([h * scale.to(h.device), grid.to(h.device)], dim=1))
+
+
+class StochasticDepth(nn.Module):
+    """Residual branches dropped per sample with ``torch.rand(B,1,1,1,1, device=h.device)`` in training."""
+
+    def __init__(self, width: int = 4, blocks: int = 3, p: float = 0.5):
+        super().__init__()
+        self.p = p
+        self.stem = nn.Conv3d(1, width, 3, padding=1)
+        self.branches = nn.ModuleList(nn.Sequential(nn.Conv3d(width, width, 3, padding=1), nn.GroupNorm(2, width),
+                                                    nn.GELU()) for _ in range(blocks))
+        self.head = nn.Conv3d(width, 2, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for branch in self.branches:
+            if self.training:
+                keep = (torch.rand(h.shape[0], 1, 1, 1, 1, device=h.device) > self.p).to(h.dtype)
+                h = h + branch(h) * keep / (1 - self.p)
+            else:
+                h = h + branch(h)
+        return self.head(h)
+
+
+class CumulativeBN(nn.Module):
+    """``BatchNorm3d(momentum=None)``: a cumulative average that reads ``num_batches_tracked`` as a number."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, width, 3, padding=1), nn.BatchNorm3d(width, momentum=None), nn.ReLU(),
+                                  nn.Conv3d(width, width, 3, padding=1), nn.BatchNorm3d(width, momentum=None),
+                                  nn.ReLU(), nn.Conv3d(width, 2, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class BakedConstants(nn.Module):
+    """A relative-position table held as a plain CPU tensor attribute and a shape branch fx cannot trace,
+    so torch.export bakes the table into its graph as a constant (Swin/UNETR-style attention)."""
+
+    def __init__(self, width: int = 4, tokens: int = 8):
+        super().__init__()
+        self.conv = nn.Conv3d(1, width, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1))
+        idx = torch.arange(tokens)
+        self.rel_index = (idx[:, None] - idx[None, :] + tokens - 1)   # plain attribute: an export constant
+        self.mask = torch.tril(torch.ones(tokens, tokens))
+        self.tokens = tokens
+        self.head = nn.Conv3d(width, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if h.shape[-1] % 2 == 0:                                   # fx: a Proxy in a Python `if`
+            h = h * 1.0
+        n, c = h.shape[:2]
+        t = h.reshape(n, c, self.tokens, -1)                      # tokens along the flattened volume
+        bias = self.table[self.rel_index] * self.mask.to(h.dtype)
+        mixed = torch.einsum("ij,ncjk->ncik", torch.softmax(bias, dim=-1).to(h.dtype), t)
+        return self.head(mixed.reshape_as(h) + h)
+
+
+class NoGradGate(nn.Module):
+    """A frozen branch computed under ``torch.no_grad()`` gates a trainable one (teacher / gate idiom)."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.frozen = nn.Conv3d(1, width, 3, padding=1)
+        self.trained = nn.Sequential(nn.Conv3d(1, width, 3, padding=1), nn.ReLU(), nn.Conv3d(width, width, 3, padding=1))
+        self.head = nn.Conv3d(width, 2, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            gate = torch.sigmoid(self.frozen(x))
+        return self.head(self.trained(x) * gate)
