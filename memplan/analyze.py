@@ -210,6 +210,13 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
             readers = [u for u in order if n.name in _sources(gm, u, keep)]
             if len(readers) >= 3:
                 shared.append(tuple(readers))
+    by_param: dict[int, list[str]] = {}   # a module called several times reads its weights each time
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.name in keep:
+            for p in gm.get_submodule(n.target).parameters():
+                by_param.setdefault(id(p), []).append(n.name)
+    shared += [tuple(dict.fromkeys(r)) for r in by_param.values() if len(dict.fromkeys(r)) >= 3]
+    shared = list(dict.fromkeys(shared))
     params = dict(gm.named_parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params.values())
     trainable = sum(p.numel() * p.element_size() for p in params.values() if p.requires_grad)

@@ -14,7 +14,8 @@ from .errors import BudgetError, MemplanError
 from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
 from .measure import simulate_step
 from .plan import Plan, PlanOptions, check_plan, plan_graph, resolve_budget, with_simulation
-from .rewrite import rewrite
+from .planned import unwrap
+from .rewrite import compile_module, rewrite
 from .trace import trace
 from .units import format_bytes
 
@@ -168,13 +169,14 @@ def _with_rev_hint(err: BudgetError, model, inputs, optimizer, method, scratch) 
 
 def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
             method: str = "auto", rev: bool = False, plan: Plan | str | Path | None = None,
-            loss_fn=None, scratch: str | None = None) -> torch.fx.GraphModule:
+            loss_fn=None, scratch: str | None = None) -> nn.Module:
     """A module that trains like ``model`` in less memory; it carries its plan as ``.memplan_plan``.
 
     Gradient checkpointing never changes what the network computes; the result shares ``model``'s
     parameters and buffers, so ``model.state_dict()`` stays the checkpoint format.
     """
     inputs = as_tuple(example_inputs)
+    model = unwrap(model)
     if rev and plan is not None:
         raise MemplanError("compile(rev=True) plans REV itself; pass either rev=True or plan=, not both "
                            "(a saved plan that replaced passes rebuilds them by itself)")
@@ -202,6 +204,8 @@ def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimi
                                       loss_fn=loss_fn, example_inputs=inputs)
         except BudgetError as err:
             raise _with_rev_hint(err, model, inputs, optimizer, method, scr) from None
-    module = rewrite(graph, the_plan)
-    module.memplan_plan = the_plan
-    return module
+    if the_plan.rev:                  # a changed network: its own parameters, not the original's
+        module = rewrite(graph, the_plan)
+        module.memplan_plan = the_plan
+        return module
+    return compile_module(model, inputs, graph, the_plan)

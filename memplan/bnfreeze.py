@@ -60,3 +60,60 @@ def restored_buffers(module: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for b, old in saved:
                 b.copy_(old)
+
+
+class BufferSnapshot:
+    """The buffers of one checkpointed segment as they were when its forward ran.
+
+    ``forward()`` is entered around the segment's forward and records the buffers' values on entry;
+    ``recompute()`` is entered around each recomputation: it loads those values, so the rerun reads
+    and writes the same step counters, EMAs and BatchNorm statistics as the forward did, and on exit
+    puts back what the buffers hold now. Both contexts are re-entrant (``retain_graph``, double backward).
+    """
+
+    def __init__(self, buffers: list):
+        self.buffers = buffers
+        self.at_forward: list | None = None
+
+    def _copy_in(self, values: list) -> None:
+        import torch
+        with torch.no_grad():
+            for b, v in zip(self.buffers, values):
+                b.copy_(v)
+
+    def _values(self) -> list:
+        return [b.detach().clone() for b in self.buffers]
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        self.at_forward = self._values()
+        yield
+
+    @contextlib.contextmanager
+    def recompute(self) -> Iterator[None]:
+        if not self.buffers or self.at_forward is None:
+            yield
+            return
+        now = self._values()
+        self._copy_in(self.at_forward)
+        try:
+            yield
+        finally:
+            self._copy_in(now)
+
+
+class Reentrant:
+    """A context manager that may be entered again and again (each time a fresh ``factory()``):
+    checkpoint enters its recompute context once per recomputation, and the same object is reused."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.stack: list = []
+
+    def __enter__(self):
+        cm = self.factory()
+        self.stack.append(cm)
+        return cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self.stack.pop().__exit__(*exc)

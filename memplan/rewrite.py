@@ -2,34 +2,41 @@
 under non-reentrant checkpoint. Parameters and buffers are the original module's own tensors."""
 from __future__ import annotations
 
-import contextlib
+import inspect
+import functools
 import operator
 import torch
 import torch.fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .bnfreeze import restored_buffers
+from .bnfreeze import BufferSnapshot, Reentrant
 from .graph import MemGraph
 from .plan import Plan, check_plan
+from .planned import PlannedModule, all_in_mode, training_flags, unwrap
+from .trace import trace_module
+
+
+def _segment_contexts(body: nn.Module):
+    """checkpoint's context_fn: a recomputation runs on the buffers as the forward saw them."""
+    snap = BufferSnapshot(list(body.buffers()))
+    return snap.forward(), Reentrant(snap.recompute)
 
 
 class CheckpointSegment(nn.Module):
-    """Runs ``body`` under non-reentrant checkpoint with RNG preserved; BN statistics are updated
-    once (a recomputation restores them). Without autograd it just runs ``body``."""
+    """Runs ``body`` under non-reentrant checkpoint with RNG preserved; a recomputation reads and
+    writes the buffers (BN statistics, counters) as they were in the forward, then restores them, so
+    they are updated once. Without autograd it just runs ``body``."""
 
     def __init__(self, body: torch.fx.GraphModule):
         super().__init__()
         self.body = body
 
-    def _contexts(self):
-        return contextlib.nullcontext(), restored_buffers(self.body)
-
     def forward(self, *args):
         if not torch.is_grad_enabled():
             return self.body(*args)
         return checkpoint(self.body, *args, use_reentrant=False, preserve_rng_state=True,
-                          context_fn=self._contexts)
+                          context_fn=functools.partial(_segment_contexts, self.body))
 
 
 def _assign_blocks(gm: torch.fx.GraphModule, graph: MemGraph, plan: Plan) -> dict[str, int]:
@@ -109,6 +116,7 @@ def rewrite(graph: MemGraph, plan: Plan) -> torch.fx.GraphModule:
             env[o] = new.call_function(operator.getitem, (call, j))
     out_node = next(n for n in fx_nodes if n.op == "output")
     new.output(torch.fx.map_arg(out_node.args[0], lambda a: env[a]))
+    new.set_codegen(gm.graph._codegen)    # exported graphs (un)flatten pytrees
     # the new module owns gm's submodules and attributes (shared objects) plus the segments
     for name, child in gm.named_children():
         setattr(root, name, child)
@@ -122,3 +130,24 @@ def rewrite(graph: MemGraph, plan: Plan) -> torch.fx.GraphModule:
     out = torch.fx.GraphModule(root, new, type(gm).__name__ + "Planned")
     out.graph.lint()
     return out
+
+
+def compile_module(model: nn.Module, example_inputs: tuple, graph: MemGraph, plan: Plan) -> PlannedModule:
+    """The compiled module: ``plan`` applied to ``graph`` for the modes ``model`` is in, and the plain
+    trace of the other mode (all train or all eval) when its graph differs (see memplan.planned)."""
+    model = unwrap(model)
+    planned = rewrite(graph, plan)
+    flags = training_flags(model)
+    graphs = {flags: planned}
+    other = not all(flags)
+    with all_in_mode(model, other):
+        other_flags = training_flags(model)
+        if other_flags != flags:
+            gm, _, _ = trace_module(model, example_inputs)
+            graphs[other_flags] = planned if gm.code == graph.original_gm.code else gm
+    try:
+        call = inspect.signature(model.forward).bind(*example_inputs)
+        call.apply_defaults()
+    except (TypeError, ValueError):
+        call = None
+    return PlannedModule(model, graphs, plan, call)

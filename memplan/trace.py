@@ -35,6 +35,7 @@ from .bnfreeze import restored_buffers
 from .errors import MemplanError, TraceError
 from .graph import MemGraph
 from .outofplace import rewrite_out_of_place
+from .planned import unwrap
 
 #: Modules the fx tracer keeps whole (their forward is opaque to planning), e.g. reversible blocks.
 _LEAF_PREDICATES: list[Callable[[nn.Module], bool]] = []
@@ -91,7 +92,8 @@ class _Dataflow(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = functional_name(func)
-        sig = hash((name, self._sig(args), self._sig(kwargs)))
+        # grad mode is part of what an op computes: fx drops `with torch.no_grad():`, torch.export keeps it
+        sig = hash((name, self._sig(args), self._sig(kwargs), torch.is_grad_enabled()))
         in_keys = {storage_key(t) for t in tensors_in((args, kwargs))}
         written = {storage_key(t) for t in written_args(func, args, kwargs)}
         out = func(*args, **kwargs)
@@ -102,7 +104,7 @@ class _Dataflow(TorchDispatchMode):
         for key in written - {storage_key(t) for t in tensors_in(out)}:
             self.content[key] = hash((sig, "w"))
         shapes = tuple(tuple(t.shape) for t in tensors_in(out))
-        self.ops[(name, shapes)] += 1
+        self.ops[(name if torch.is_grad_enabled() else f"{name} (no grad)", shapes)] += 1
         return out
 
 
@@ -122,7 +124,7 @@ def _fake_run(module: nn.Module, world: FakeWorld, fake_inputs: tuple) -> _Run:
              for t in list(twin.parameters()) + list(twin.buffers()) + tensors_in(fake_inputs)}
     rng = torch.get_rng_state()
     try:
-        with world.mode, torch.no_grad():
+        with world.mode, torch.enable_grad():
             flow = _Dataflow(seeds)
             with flow:
                 out = twin(*fake_inputs)
@@ -359,6 +361,7 @@ def trace_module(model: nn.Module, example_inputs: Any, *, validate: bool = True
                  ) -> tuple[torch.fx.GraphModule, str, tuple[TraceAttempt, ...]]:
     """Trace ``model`` into a validated GraphModule: (module, tracer name, every attempt)."""
     inputs = as_tuple(example_inputs)
+    model = unwrap(model)                     # planning a compiled module plans its original
     check_inputs(model, inputs)
     world = FakeWorld(home_device(model, inputs))
     fake_inputs = world.inputs(inputs)
