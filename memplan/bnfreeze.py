@@ -46,14 +46,15 @@ def frozen_batchnorm_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def restored_buffers(module: nn.Module) -> Iterator[None]:
+def restored_buffers(module: nn.Module, *, parameters: bool = False) -> Iterator[None]:
     """On exit, every buffer of ``module`` holds again what it held on entry (copied back in place).
 
     Used around recomputation of exported graphs (whose BatchNorm is an ATen op that always
     updates its running statistics) and around trace validation, which must not change the model.
     """
     import torch
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    tensors = list(module.buffers()) + (list(module.parameters()) if parameters else [])
+    saved = [(b, b.detach().clone()) for b in tensors]
     try:
         yield
     finally:

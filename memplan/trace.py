@@ -243,10 +243,12 @@ def _validate(model: nn.Module, gm: nn.Module, inputs: tuple, eager: _Run, world
     if why or is_meta(inputs) or not tensors_in(inputs):
         return why
     rng = torch.get_rng_state()
-    with torch.no_grad(), restored_buffers(model):   # validation must leave BN statistics as they were
-        eager_out = model(*_clones(inputs))            # each run its own copy: forward may write into it
+    with torch.no_grad():        # each run from the same buffers and inputs; the model's left as it was
+        with restored_buffers(model):
+            eager_out = model(*_clones(inputs))
         torch.set_rng_state(rng)
-        traced_out = gm(*_clones(inputs))
+        with restored_buffers(model):
+            traced_out = gm(*_clones(inputs))
     torch.set_rng_state(rng)
     return _compare(eager_out, traced_out, real=True)
 
@@ -369,7 +371,8 @@ def trace_module(model: nn.Module, example_inputs: Any, *, validate: bool = True
     attempts: list[TraceAttempt] = []
     for name, make in (("fx", lambda: fx_trace(model)), ("export", lambda: export_trace(model, inputs))):
         try:
-            gm = make()
+            with restored_buffers(model, parameters=True):   # fx runs writes on real tensors for real
+                gm = make()
         except Exception as exc:  # noqa: BLE001 - any tracer failure means: try the next one
             attempts.append(_attempt_failed(name, exc))
             continue

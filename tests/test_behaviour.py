@@ -1,0 +1,250 @@
+"""The compiled module keeps every behaviour of the original: the idioms of real training code,
+each trained side by side with the original and compared bitwise in float64 (issue: "Trains
+exactly like yours")."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import memplan
+from memplan import MemplanError
+from tests import idioms
+from tests.bitwise import compile_and_compare, first_difference, tensors, weighted_loss
+
+X = (1, 1, 8, 8, 8)
+
+
+def _x(shape=X):
+    torch.manual_seed(1)
+    return torch.randn(shape, dtype=torch.float64)
+
+
+class SetGradGate(idioms.NoGradGate):
+    """``torch.set_grad_enabled(False)`` as a statement pair instead of a with-block."""
+
+    def forward(self, x):
+        torch.set_grad_enabled(False)
+        gate = torch.sigmoid(self.frozen(x))
+        torch.set_grad_enabled(True)
+        return self.head(self.trained(x) * gate)
+
+
+class ExportedBN(nn.Module):
+    """BatchNorm behind a shape branch fx cannot trace: the torch.export path, which bakes the mode."""
+
+    def __init__(self, w=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, w, 3, padding=1), nn.BatchNorm3d(w), nn.ReLU(),
+                                  nn.Conv3d(w, w, 3, padding=1), nn.BatchNorm3d(w), nn.ReLU(),
+                                  nn.Conv3d(w, w, 3, padding=1), nn.Dropout(0.3), nn.Conv3d(w, 2, 1))
+
+    def forward(self, x):
+        if x.shape[-1] % 2 == 0:
+            x = x * 1.0
+        return self.body(x)
+
+
+class DictOut(ExportedBN):
+    def forward(self, x):
+        y = super().forward(x)
+        return {"seg": y, "mean": y.mean(dim=(2, 3, 4))}
+
+
+class SharedThrice(nn.Module):
+    """One conv called four times (shared weights): its gradient sums four contributions."""
+
+    def __init__(self, w=4):
+        super().__init__()
+        self.stem = nn.Conv3d(1, w, 3, padding=1)
+        self.shared = nn.Conv3d(w, w, 3, padding=1)
+        self.head = nn.Conv3d(w, 1, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for _ in range(4):
+            h = torch.relu(self.shared(h)) + h
+        return self.head(h)
+
+
+class CountsSteps(nn.Module):
+    """A step counter and an EMA of the features, updated in forward (read before the update)."""
+
+    def __init__(self, w=4):
+        super().__init__()
+        self.conv1 = nn.Conv3d(1, w, 3, padding=1)
+        self.conv2 = nn.Conv3d(w, w, 3, padding=1)
+        self.head = nn.Conv3d(w, 1, 1)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("ema", torch.zeros(w, dtype=torch.float64))
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x)) * (1 + 0.1 * self.steps)
+        h = torch.relu(self.conv2(h)) + self.ema.view(1, -1, 1, 1, 1)
+        if self.training:
+            with torch.no_grad():
+                self.ema.mul_(0.9).add_(0.1 * h.mean(dim=(0, 2, 3, 4)))
+                self.steps.add_(1)
+        return self.head(h)
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self, w=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, w, 3, padding=1), nn.ReLU(), nn.Conv3d(w, w, 3, padding=1), nn.ReLU(),
+                                  nn.Conv3d(w, 1, 1))
+
+    def forward(self, x, *, scale: float = 1.0):
+        return self.body(x) * scale
+
+
+@pytest.mark.parametrize("make", [idioms.NoGradGate, SetGradGate], ids=["no_grad", "set_grad_enabled"])
+def test_grad_mode_regions_inside_forward(make):
+    plan = compile_and_compare(make, _x())
+    assert any("fx:" in n and "differently" in n for n in plan.notes)   # fx dropped the region: refused
+    net = make().double()
+    compiled = memplan.compile(net, _x(), scratch="none")
+    weighted_loss(compiled(_x().requires_grad_())).backward()
+    assert net.frozen.weight.grad is None and net.trained[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("compiled_in", ["train", "eval"])
+def test_train_eval_switch_after_compile_on_the_export_path(compiled_in):
+    torch.manual_seed(0)
+    net = ExportedBN().double().train(compiled_in == "train")
+    twin = copy.deepcopy(net)
+    compiled = memplan.compile(net, _x((2, 1, 8, 8, 8)), scratch="none")
+    assert any(n.startswith("fx:") for n in compiled.memplan_plan.notes)          # really the export path
+    for mode in ("train", "eval", "train"):
+        compiled.train(mode == "train")
+        twin.train(mode == "train")
+        why = first_difference(compiled, net, twin, _x((2, 1, 8, 8, 8)), steps=2)
+        assert not why, f"{mode}: {why}"
+    assert int(net.body[1].num_batches_tracked) == 4
+
+
+def test_export_path_keeps_dict_outputs():
+    torch.manual_seed(0)
+    net = DictOut().double()
+    compiled = memplan.compile(net, _x(), scratch="none")
+    out = compiled(_x())
+    assert isinstance(out, dict) and set(out) == {"seg", "mean"}
+    compile_and_compare(DictOut, _x())
+
+
+@pytest.mark.parametrize("fraction", [None, 0.6, 0.75, 0.9])
+def test_module_called_four_times_keeps_its_gradient_sum_order(fraction):
+    x = _x((1, 1, 12, 12, 12))
+    budget = None
+    if fraction is not None:
+        vanilla = memplan.simulate_step(SharedThrice().double(), x, scratch="none").peak_bytes
+        budget = int(fraction * vanilla)
+    try:
+        compile_and_compare(SharedThrice, x, budget=budget, require_recompute=False)
+    except memplan.BudgetError:
+        pytest.skip("budget below this net's floor")
+
+
+def test_retain_graph_twice_and_a_gradient_penalty():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 4, 3, padding=1), nn.Tanh(),
+                        nn.Conv3d(4, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 1, 1)).double()
+    twin = copy.deepcopy(net)
+    compiled = memplan.compile(net, _x(), scratch="none")
+    assert compiled.memplan_plan.recomputed_segments
+    results = []
+    for module, params in ((compiled, list(net.parameters())), (twin, list(twin.parameters()))):
+        x = _x().requires_grad_()
+        loss = weighted_loss(module(x))
+        loss.backward(retain_graph=True)
+        loss.backward()                                           # twice: gradients accumulate
+        g1 = [p.grad.clone() for p in params]
+        (gx,) = torch.autograd.grad(weighted_loss(module(x)), x, create_graph=True)
+        penalty = (gx ** 2).sum()
+        gp = torch.autograd.grad(penalty, params, allow_unused=True)
+        results.append((g1, gp))
+    assert sum(g is not None for g in results[0][1]) >= 6
+    for a, b in zip(results[0][0] + list(results[0][1]), results[1][0] + list(results[1][1])):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_buffers_updated_in_forward_train_exactly_and_compiling_leaves_them_alone():
+    torch.manual_seed(0)
+    net = CountsSteps().double()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    twin = copy.deepcopy(net)
+    compiled = memplan.compile(net, _x(), scratch="none")
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert compiled.memplan_plan.recomputed_segments
+    why = first_difference(compiled, net, twin, _x(), steps=3)
+    assert not why, why
+    assert float(net.steps) == 3.0
+
+
+def test_state_dict_has_the_original_keys_and_loads_both_ways_strictly():
+    torch.manual_seed(0)
+    net = idioms.IAddResNet().double()
+    compiled = memplan.compile(net, _x(), scratch="none")
+    assert list(compiled.state_dict()) == list(net.state_dict())
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in net.named_parameters()]
+    other = idioms.IAddResNet().double()
+    compiled.load_state_dict(other.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+    fresh = idioms.IAddResNet().double()
+    fresh.load_state_dict(compiled.state_dict(), strict=True)
+    x = _x()
+    assert torch.equal(fresh.eval()(x), compiled.eval()(x))
+
+
+def test_keyword_arguments_are_checked_not_silently_fixed():
+    torch.manual_seed(0)
+    net = KeywordOnly().double()
+    compiled = memplan.compile(net, _x(), scratch="none")
+    x = _x()
+    assert torch.equal(compiled(x, scale=1.0), net(x))
+    with pytest.raises(MemplanError, match=r"scale=2\.0 differs from the 1\.0"):
+        compiled(x, scale=2.0)
+
+
+def test_compiling_a_compiled_module_and_deepcopy():
+    torch.manual_seed(0)
+    net = idioms.IAddResNet().double()
+    compiled = memplan.compile(net, _x(), scratch="none")
+    again = memplan.compile(compiled, _x(), scratch="none")
+    assert again.memplan_original is net and again.memplan_plan.segments == compiled.memplan_plan.segments
+    twin = copy.deepcopy(net)
+    clone = copy.deepcopy(compiled)
+    assert clone.memplan_plan == compiled.memplan_plan
+    assert all(a is not b for a, b in zip(clone.parameters(), net.parameters()))
+    why = first_difference(clone, clone.memplan_original, twin, _x(), steps=2)
+    assert not why, why
+
+
+def test_to_moves_every_graph_with_the_original():
+    torch.manual_seed(0)
+    net = ExportedBN()
+    compiled = memplan.compile(net, torch.randn(X), scratch="none")
+    compiled.double()
+    assert all(t.dtype == torch.float64 for t in net.state_dict().values() if t.is_floating_point())
+    twin = copy.deepcopy(net)
+    why = first_difference(compiled, net, twin, _x(), steps=2)
+    assert not why, why
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_torch_compile_of_a_compiled_module(backend):
+    torch.manual_seed(0)
+    net = idioms.IAddResNet()
+    twin = copy.deepcopy(net)
+    compiled = memplan.compile(net, torch.randn(X), scratch="none")
+    fast = torch.compile(compiled, backend=backend)
+    x = torch.randn(X)
+    ya, yb = fast(x), twin(x)
+    assert torch.allclose(ya, yb, atol=1e-5)
+    weighted_loss(ya.double()).backward()
+    weighted_loss(yb.double()).backward()
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    if backend == "eager":               # eager backend runs the same kernels: bitwise
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(net.parameters(), twin.parameters()))
