@@ -18,7 +18,8 @@ from ..errors import MemplanError
 from .loading import compile_loaded, load, scratch_for
 from .outputs import Writer, check_output_path, plot_suffixes, write_all
 from .parsing import ExitCode
-from .progress import Progress, drop_native_lines, notes_to
+from ..quiet import drop_native_lines
+from .progress import Progress, notes_to
 from .records import fit_record, measure_record, optimize_record, to_json
 from .tables import fit_table, fmt, print_measure, print_optimize, shape_text
 
@@ -88,7 +89,7 @@ def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
                            f"({loaded.input_source}); use `memplan optimize` at each size instead")
     strategies = ("vanilla", "GCP", "REV", "GCP+REV") if args.rev else ("vanilla", "GCP")
     scratch = scratch_for(args)
-    with io.progress.stage("finding the sizes the network accepts") as update, notes_to(io.err):
+    with io.progress.stage(f"searching the largest input ({', '.join(strategies)})") as update, notes_to(io.err):
         def wrap(strategy, fn):
             def peak(shape):
                 update(f"fit {strategy}: simulating {shape_text(shape)} ...")

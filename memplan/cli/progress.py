@@ -1,4 +1,4 @@
-"""What the ``memplan`` command says on stderr while it works: progress, notes, and nothing native.
+"""What the ``memplan`` command says on stderr while it works: progress and notes.
 
 On a terminal each stage is a spinner; otherwise (CI logs, pipes) a plain line when it starts and
 one with its duration when it ends, so a long run is never silent.
@@ -6,9 +6,6 @@ one with its duration when it ends, so a long run is never silent.
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -54,21 +51,3 @@ def notes_to(console: Console) -> Iterator[None]:
         if text not in seen:
             seen.add(text)
             console.print(f"[yellow]note:[/] {text}", markup=True, soft_wrap=True)
-
-
-@contextlib.contextmanager
-def drop_native_lines(prefixes: tuple[str, ...] = ("USDT:",)) -> Iterator[None]:
-    """Hide the lines native code (the profiler's kineto) writes to fd 2 that start with ``prefixes``."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            lines = tmp.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(line for line in lines if not line.startswith(prefixes)))
