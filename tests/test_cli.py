@@ -48,6 +48,7 @@ def write(path: Path, source: str) -> str:
 
 
 # -- optimize ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_optimize_json_plan_file_and_plot(tmp_path, capsys):
     plan_file, plot = tmp_path / "plan.json", tmp_path / "timeline.png"
     code = main(["optimize", TINY, "--budget", "18MiB", "--json", "--out", str(plan_file), "--plot", str(plot)])
@@ -152,6 +153,7 @@ def test_a_failed_plot_leaves_no_plan_file_and_keeps_the_old_one(tmp_path, capsy
 
 
 # -- fit -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fit_answer_fits_and_the_next_size_does_not(capsys):
     budget = 3 * 2**20
     assert main(["fit", CONVNET, "--budget", "3MiB", "--json"]) == EXIT_OK
@@ -179,6 +181,7 @@ def test_fit_table_and_nothing_fits(capsys):
 
 
 # -- measure -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_measure_real_side_by_side():
     proc = run("measure", CONVNET, "--budget", "1MiB", "--real", "--repeat", "1", "--json")
     assert proc.returncode == EXIT_OK, proc.stderr
