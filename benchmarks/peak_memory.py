@@ -243,8 +243,6 @@ def run_notes(args, setup: dict, load: tuple[float, float]) -> list[str]:
         f"({os.cpu_count()} CPUs): step times on a shared machine are noisy (two identical modules can differ "
         "by 15%).",
     ]
-    if not methods.rev_available():
-        notes.append("REV rows: n/a (memplan.rev_plan missing).")
     return notes
 
 

@@ -27,8 +27,9 @@ def check(doc: str, select=lambda command: True) -> None:
     assert not difference, f"{doc} differs from what the code prints; run `python -m tools.gendocs`:\n{difference}"
 
 
-def test_cli_docs_cheap_commands_match_the_code():
-    check("docs/cli.md", select=cheap)
+@pytest.mark.parametrize("doc", gendocs.DOCS)
+def test_cheap_commands_and_included_tables_match_the_code(doc):
+    check(doc, select=cheap)
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ What it regenerates, in document order, in one scratch folder holding a link to 
   is the ``python`` block just before it.
 - ``<!-- json-excerpt: memplan ... --json; omit KEY,...; first KEY,... -->`` before a ``json`` block:
   the command's record without the ``omit`` keys and with only the first item of the ``first`` lists.
-- ``<!-- include: PATH#HEADING -->`` ... ``<!-- end include -->``: the body of that section of PATH.
+- ``<!-- include: PATH#HEADING -->`` ... ``<!-- end include -->``: the body of that section of PATH
+  (``; demote N`` before ``-->`` puts its headings N levels lower).
 
 Run times and step times differ from run to run: :func:`normalize` masks them (and table widths)
 before two texts are compared, so ``--check`` fails only when a figure or a word changed.
@@ -35,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/cli.md")
+DOCS = ("README.md", "docs/cli.md", "docs/benchmarks.md")
 COLUMNS = 100                                  # the terminal width the documented output was made with
 FENCE = "```"
 _JSON_EXCERPT = re.compile(r"<!-- json-excerpt: (?P<cmd>.+?)(?:; omit (?P<omit>[\w,]+))?(?:; first (?P<first>[\w,]+))? -->")
-_INCLUDE = re.compile(r"<!-- include: (?P<path>[^#]+)#(?P<heading>.+?) -->")
+_INCLUDE = re.compile(r"<!-- include: (?P<path>[^#]+)#(?P<heading>.+?)(?:; demote (?P<demote>\d))? -->")
 _END_INCLUDE = "<!-- end include -->"
 
 
@@ -146,7 +147,9 @@ def regenerate(text: str, cwd: Path, *, run: Callable[[str, Path, dict[str, str]
         jex = _JSON_EXCERPT.fullmatch(line)
         if inc:
             end = lines.index(_END_INCLUDE, i)
-            out += [line, "", *section(ROOT / inc["path"], inc["heading"]), "", _END_INCLUDE]
+            body = section(ROOT / inc["path"], inc["heading"])
+            depth = "#" * int(inc["demote"] or 0)              # "; demote 1": its headings one level lower
+            out += [line, "", *[depth + ln if ln.startswith("#") else ln for ln in body], "", _END_INCLUDE]
             i = end + 1
         elif jex and i + 1 < len(lines) and lines[i + 1] == FENCE + "json":
             old, i = _fenced(lines, i + 1)
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             if d:
                 print(d)
                 status = 1
-        elif generated != committed:
+        elif diff(name, committed, generated):      # only times changed: keep the file (no churn in git)
             path.write_text(generated)
             print(f"rewrote {name}", file=sys.stderr)
     return status
