@@ -176,8 +176,12 @@ def test_fit_table_and_nothing_fits(capsys):
     assert main(["fit", CONVNET, "--budget", "2MiB", "--axis", "2"]) == EXIT_OK
     text = capsys.readouterr().out
     assert "largest input within 2.00 MiB" in text and "vanilla" in text and "GCP" in text
-    assert main(["fit", CONVNET, "--budget", "20KiB"]) == EXIT_BUDGET
-    assert "no strategy fits 20.0 KiB even at the smallest input 2x1x2x2x2" in capsys.readouterr().err
+    assert main(["fit", CONVNET, "--budget", "20KiB", "--json"]) == EXIT_BUDGET      # one object: answer + error
+    out, err = capsys.readouterr()
+    assert "memplan: error: no strategy fits 20.0 KiB even at the smallest input 2x1x2x2x2" in err
+    rec = json.loads(out)
+    assert all(r["shape"] is None for r in rec["results"]) and rec["error"]["exit_code"] == EXIT_BUDGET
+    assert rec["error"]["message"].startswith("no strategy fits 20.0 KiB even at the smallest input 2x1x2x2x2")
 
 
 # -- measure -------------------------------------------------------------------------------------------

@@ -102,17 +102,21 @@ def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
         grid, results = fit(loaded.model, loaded.input_shapes[0], budget, strategies=strategies, axis=args.axis,
                             optimizer=args.optimizer, method=args.method, scratch=scratch,
                             dtype=loaded.inputs[0].dtype, peak_wrapper=wrap)
+    failure = None
+    if all(r.shape is None for r in results):
+        least = min(results, key=lambda r: r.next_peak_bytes or math.inf)
+        failure = (f"no strategy fits {fmt(budget)} even at the smallest input {shape_text(grid.shape(grid.min_n))} "
+                   f"(least: {least.strategy} at {fmt(least.next_peak_bytes)}); raise the budget"
+                   + ("" if args.rev else " or try --rev"))
     if args.json:
-        print(to_json(fit_record(loaded, grid, results, budget, optimizer=args.optimizer, scratch=scratch)),
-              file=io.json)
+        record = fit_record(loaded, grid, results, budget, optimizer=args.optimizer, scratch=scratch)
+        if failure:                                  # the answer and the error in the one object
+            record["error"] = {"type": "BudgetError", "message": failure, "exit_code": int(ExitCode.BUDGET)}
+        print(to_json(record), file=io.json)
     else:
         io.out.print(fit_table(loaded, grid, results, budget))
-    if all(r.shape is None for r in results):
-        smallest = grid.shape(grid.min_n)
-        least = min(results, key=lambda r: r.next_peak_bytes or math.inf)
-        io.err.print(f"memplan: error: no strategy fits {fmt(budget)} even at the smallest input "
-                     f"{shape_text(smallest)} (least: {least.strategy} at {fmt(least.next_peak_bytes)}); raise the "
-                     "budget" + ("" if args.rev else " or try --rev"), soft_wrap=True, markup=False)
+    if failure:
+        io.err.print(f"memplan: error: {failure}", soft_wrap=True, markup=False)
         return ExitCode.BUDGET
     return ExitCode.OK
 
