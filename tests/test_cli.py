@@ -347,3 +347,39 @@ def test_segment_rows_merge_only_runs_of_stored_segments_and_summary_shows_them(
     summary = plan.summary().splitlines()
     for r in compact:                                                # Plan.summary() prints the same rows
         assert any(ln.split()[:3] == [r.label, str(len(r.nodes)), r.mode] for ln in summary), r.label
+
+
+# -- progress on a terminal, interrupts and bugs ---------------------------------------------------------------
+def test_progress_on_a_terminal_is_a_spinner_and_quiet_is_silent():
+    import io
+
+    from rich.console import Console
+
+    from memplan.cli.progress import Progress
+    buf = io.StringIO()
+    live = Progress(Console(file=buf, force_terminal=True, width=80), live=True)
+    with live.stage("tracing and planning") as update:
+        update("tracing and planning, step 2")
+    assert "tracing and planning" in buf.getvalue() and "done in" not in buf.getvalue()   # no plain lines
+    silent = io.StringIO()
+    with Progress(Console(file=silent), live=False, quiet=True).stage("loading"):
+        pass
+    assert silent.getvalue() == ""
+
+
+def test_interrupt_exits_130_and_a_bug_still_gives_the_json_record(capsys, monkeypatch):
+    from memplan.cli import commands
+
+    def interrupted(args, io):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(commands.COMMANDS, "optimize", interrupted)
+    assert main(["optimize", CONVNET]) == 130
+    assert capsys.readouterr().err.strip() == "memplan: interrupted"
+
+    def buggy(args, io):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setitem(commands.COMMANDS, "optimize", buggy)
+    with pytest.raises(ZeroDivisionError):                    # a bug keeps its traceback (exit 1) ...
+        main(["optimize", CONVNET, "--json"])
+    assert json.loads(capsys.readouterr().out) == {"error": {"type": "ZeroDivisionError", "message": "a bug",
+                                                             "exit_code": 1}}   # ... and stdout stays JSON
