@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/cli.md", "docs/benchmarks.md")
 COLUMNS = 100                                  # the terminal width the documented output was made with
 FENCE = "```"
-_JSON_EXCERPT = re.compile(r"<!-- json-excerpt: (?P<cmd>.+?)(?:; omit (?P<omit>[\w,]+))?(?:; first (?P<first>[\w,]+))? -->")
+_JSON_EXCERPT = re.compile(r"<!-- json-excerpt: (?P<cmd>.+?)(?:; omit (?P<omit>[\w,]+))?"
+                           r"(?:; first (?P<first>[\w,]+))? -->")
 _INCLUDE = re.compile(r"<!-- include: (?P<path>[^#]+)#(?P<heading>.+?)(?:; demote (?P<demote>\d))? -->")
 _END_INCLUDE = "<!-- end include -->"
 
