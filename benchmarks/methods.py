@@ -27,7 +27,7 @@ from benchmarks.clients import ModelSpec, quick_specs, specs
 from benchmarks.floor import floor_of
 
 __all__ = ["METHODS", "LABELS", "PAPER_GCPREV_RATIO", "Task", "run_task", "spec_for", "build_module",
-           "rev_available", "rockmate_skip_reason"]
+           "rockmate_skip_reason"]
 
 #: FetusMapV2 Table 4: UGCPREV's peak is 57% of the vanilla UNet's at 176x112x112.
 PAPER_GCPREV_RATIO = 0.57
@@ -49,10 +49,6 @@ LABELS = {
     "rockmate": "Rockmate",
 }
 _NO_SIMULATION = "n/a: compiled code cannot be simulated (a dispatch mode makes it run eagerly)"
-
-
-def rev_available() -> bool:
-    return importlib.util.find_spec("memplan.rev_plan") is not None
 
 
 def rockmate_skip_reason() -> str:
@@ -174,8 +170,6 @@ def _budgeted(model, x, task):
 
 
 def _rev_only(model, x, task):
-    if not rev_available():
-        return {"peak_bytes": None, "note": "n/a (rev_plan missing)"}
     from memplan.rev_plan import rev_only_plan
     (plan, graph), seconds = _timed(rev_only_plan, model, x, optimizer="adam", scratch=task.scratch)
     return _plan_out(plan, seconds, f"{len(plan.rev)} REV blocks, "
@@ -183,8 +177,6 @@ def _rev_only(model, x, task):
 
 
 def _gcp_rev(model, x, task):
-    if not rev_available():
-        return {"peak_bytes": None, "note": "n/a (rev_plan missing)"}
     from memplan.rev_plan import plan_with_rev
     (plan, graph), seconds = _timed(plan_with_rev, model, x, optimizer="adam", scratch=task.scratch,
                                     search=task.rev_search)
@@ -206,7 +198,7 @@ _PREDICTORS = {"vanilla": _vanilla, "blocks": _blocks, "fetusmap-rule": _rule, "
 def build_module(method: str, model: nn.Module, x: torch.Tensor, spec: ModelSpec, predicted: dict[str, Any]
                  ) -> tuple[Any, nn.Module] | None:
     """(callable, module holding its parameters) training ``method`` on ``x``, or None when the row has
-    nothing to run (infeasible budget, missing REV, skipped Rockmate). Each gets its own copy of ``model``."""
+    nothing to run (infeasible budget, skipped Rockmate). Each gets its own copy of ``model``."""
     own = copy.deepcopy(model)
     if method == "vanilla":
         return own, own
@@ -272,8 +264,6 @@ def _peak_function(model: nn.Module, strategy: str, scratch: str, rev_search: bo
         return lambda s: _sim(model, x_of(s), scratch)
     if strategy == "GCP":
         return lambda s: memplan.plan(model, x_of(s), scratch=scratch).simulated_peak_bytes
-    if not rev_available():
-        return None
     from memplan.rev_plan import plan_with_rev, rev_only_plan
     if strategy == "REV":
         return lambda s: rev_only_plan(model, x_of(s), scratch=scratch)[0].simulated_peak_bytes
@@ -306,8 +296,6 @@ def run_fit(task: FitTask) -> dict[str, Any]:
     f = floor_of(graph)
     budgets = resolve_budgets(task.budgets, _sim(model, torch.empty(base, device="meta"), task.scratch))
     peak_of = _peak_function(model, task.strategy, task.scratch, task.rev_search)
-    if peak_of is None:
-        return {"strategy": task.strategy, "note": "n/a (rev_plan missing)", "answers": [], "wall_s": 0.0}
     try:
         answers, evaluations = largest_fits(peak_of, base, budgets, static_bytes=f.parameter_bytes + f.gradient_bytes
                                             + f.optimizer_state_bytes + f.other_static_bytes)

@@ -9,8 +9,10 @@ FetusMapV2 Table 4. It measures; it never asserts.
 
 Predicted peaks run on meta tensors in worker processes (``--jobs``); measured peaks and step times
 run afterwards in this process, one method after another, with one thread. Writes
-``peak_memory.json``, ``peak_memory.md`` and one ``<model>.png`` per client to ``--out``
-(default benchmarks/results). See docs/benchmarks.md for what every column means.
+``peak_memory.json``, ``peak_memory.md`` and one ``<model>.png`` per client to ``--out``, by
+default the scratch folder runs/peak_memory-<mode>/ (git-ignored): a run never overwrites the
+committed benchmarks/results/ unless ``--out benchmarks/results`` asks for it, and a ``--quick``
+run is refused there. See docs/benchmarks.md for what every column means.
 """
 from __future__ import annotations
 
@@ -34,17 +36,24 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks import measuring, methods, report  # noqa: E402
 from benchmarks.clients import SPEC_KEYS, ModelSpec, quick_specs, specs  # noqa: E402
+from memplan.quiet import drop_native_lines  # noqa: E402
 
+RESULTS = ROOT / "benchmarks" / "results"      # committed: written only when --out names it
+SCRATCH = ROOT / "runs"                        # git-ignored: every run's default output
 DEFAULT_FIT_BUDGETS = ("8GiB", "12GiB")
 QUICK_FIT_BUDGETS = ("1.2x", "1.6x")
 QUICK_FIT_STRATEGIES = ("vanilla", "GCP")   # the REV searches would take most of --quick's two minutes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog=f"writes to {SCRATCH.relative_to(ROOT)}/peak_memory-<mode>/ unless --out is "
+                                f"given; the committed results are in {RESULTS.relative_to(ROOT)}/")
     p.add_argument("--quick", action="store_true", help="CI smoke run: one tiny pose net, tiny sizes")
     p.add_argument("--full", action="store_true", help="measure at the paper sizes and widths (hours on CPU)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="output folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default: {SCRATCH.relative_to(ROOT)}/peak_memory-quick, -default or -full; "
+                   f"--out {RESULTS.relative_to(ROOT)} replaces the committed results, not allowed with --quick)")
     p.add_argument("--models", default=",".join(SPEC_KEYS), help=f"comma list of {', '.join(SPEC_KEYS)}")
     p.add_argument("--jobs", type=int, default=None, help="planning processes (default 2; --quick 1)")
     p.add_argument("--reps", type=int, default=None, help="timing rounds per model (default 3; --quick 2)")
@@ -60,6 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick and args.full:
         p.error("--quick and --full contradict each other; pick one")
+    args.mode = "quick" if args.quick else "full" if args.full else "default"
+    args.out = args.out if args.out is not None else SCRATCH / f"peak_memory-{args.mode}"
+    if args.quick and args.out.resolve() == RESULTS.resolve():
+        p.error(f"--quick would overwrite the committed results in {args.out} with smoke-run numbers; "
+                "write them elsewhere (the default is a scratch folder)")
     args.jobs = args.jobs if args.jobs is not None else (1 if args.quick else 2)
     args.reps = args.reps if args.reps is not None else (2 if args.quick else 3)
     if args.jobs < 1 or args.reps < 1:
@@ -229,8 +243,6 @@ def run_notes(args, setup: dict, load: tuple[float, float]) -> list[str]:
         f"({os.cpu_count()} CPUs): step times on a shared machine are noisy (two identical modules can differ "
         "by 15%).",
     ]
-    if not methods.rev_available():
-        notes.append("REV rows: n/a (memplan.rev_plan missing).")
     return notes
 
 
@@ -260,6 +272,16 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    bar_file = os.fdopen(os.dup(2), "w", buffering=1)   # progress shows at once while fd 2 is filtered
+    try:
+        with drop_native_lines():                       # the profiler's kineto prints two lines per step
+            return run(args, bar_file)
+    finally:
+        bar_file.close()
+
+
+def run(args: argparse.Namespace, bar_file) -> int:
+    """The whole benchmark: predictions, measurements, files; progress and notes on ``bar_file``."""
     started, t0, load0 = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter(), os.getloadavg()[0]
     torch.set_num_threads(1)
     setup = measure_setup(args)
@@ -282,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     measure_units = 0 if args.no_measure else len(model_specs) * (len(methods.METHODS) + 1)
     skip_line = methods.rockmate_skip_reason()
     if skip_line:
-        print(f"Rockmate row {skip_line}", file=sys.stderr)
-    with tqdm(total=len(tasks) + len(fit_tasks) + measure_units, desc="peak_memory", file=sys.stderr,
+        print(f"Rockmate row {skip_line}", file=bar_file)
+    with tqdm(total=len(tasks) + len(fit_tasks) + measure_units, desc="peak_memory", file=bar_file,
               unit="step", dynamic_ncols=True) as bar:
         predicted = run_predictions(tasks + fit_tasks, args.jobs, bar)
         models = []
@@ -296,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             models.append(model_result(s, paper, meas_pred, meas, setup))
     results = {
         "meta": {"started": started, "wall_s": time.perf_counter() - t0, "torch": torch.__version__, "threads": 1,
-                 "jobs": args.jobs, "mode": "quick" if args.quick else "full" if args.full else "default",
+                 "jobs": args.jobs, "mode": args.mode,
                  "reps": args.reps, "notes": run_notes(args, setup, (load0, os.getloadavg()[0]))},
         "models": models,
         "fit": fit_record([predicted[t] for t in fit_tasks], args, pose) if fit_tasks else None,
@@ -304,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     paths = write_outputs(results, args.out)
     print(report.markdown(results))
-    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in paths), file=bar_file)
     return 0
 
 

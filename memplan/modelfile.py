@@ -218,13 +218,21 @@ def load_model(ref: str, *, input_shape: str | tuple[int, ...] | None = None, dt
     shape = parse_shape(input_shape) if isinstance(input_shape, str) else input_shape
     module = execute_file(path)
     model, source = resolve_model(module, path, attr)
+    arity = required_inputs(model)
     if shape is not None:
+        if arity > 1:
+            raise ModelFileError(f"{source} takes {arity} inputs ({', '.join(input_names(model))}) but --input-shape "
+                                 f"gives one tensor; {several_inputs_fix(path, model, drop_option=True)}")
         real, input_source = (torch.empty(shape, device="meta"),), "--input-shape"
     else:
         real, input_source = file_inputs(module, path)
         if real is None:
-            raise ModelFileError(f"no input shape for {path}: pass --input-shape 1,1,D,H,W (batch, channels, "
-                                 "spatial sizes), or define INPUT_SHAPE = (...) or example_inputs() in the file")
+            fix = (several_inputs_fix(path, model) if arity > 1 else "pass --input-shape 1,1,D,H,W (batch, channels, "
+                   "spatial sizes), or define INPUT_SHAPE = (...) or example_inputs() in the file")
+            raise ModelFileError(f"no input shape for {path}: {fix}")
+        if arity > len(real):
+            raise ModelFileError(f"{source} takes {arity} inputs ({', '.join(input_names(model))}) but {input_source} "
+                                 f"gives {len(real)}; {several_inputs_fix(path, model)}")
     if torch_dtype is not None:
         model = model.to(torch_dtype)
         real = tuple(t.to(torch_dtype) if t.is_floating_point() else t for t in real)
@@ -238,6 +246,29 @@ def load_model(ref: str, *, input_shape: str | tuple[int, ...] | None = None, dt
                                  "pass an --input-shape the network accepts (e.g. spatial sizes divisible by 2**k "
                                  "for k poolings, and the channel count of its first layer)")
     return loaded
+
+
+def input_names(model: nn.Module) -> list[str]:
+    """The names of ``model.forward``'s required positional parameters (the inputs it must be given)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):          # a builtin or C++ forward: no signature to read
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is p.empty]
+
+
+def required_inputs(model: nn.Module) -> int:
+    """How many inputs ``model.forward`` requires (1 when its signature cannot be read)."""
+    return max(1, len(input_names(model)))
+
+
+def several_inputs_fix(path: str | Path, model: nn.Module, *, drop_option: bool = False) -> str:
+    """The fix for a network with several inputs: ``example_inputs()`` returning a tuple, one tensor each."""
+    names = input_names(model)
+    return (f"define `def example_inputs(): return ({', '.join(names)})` in {path}, a tuple of {len(names)} "
+            "tensors, one per argument of forward (meta tensors are enough: torch.empty(shape, device='meta'))"
+            + (", and drop --input-shape" if drop_option else ""))
 
 
 def rejection(model: nn.Module, inputs: tuple[torch.Tensor, ...], *, meta_model: nn.Module | None = None) -> str:

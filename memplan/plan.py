@@ -16,6 +16,7 @@ from .errors import BudgetError, MemplanError, PlanMismatchError
 from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
 from .kusumoto import Family, least_time, min_budget
 from .measure import OPTIMIZERS
+from .segtable import segment_rows
 from .units import format_bytes, parse_bytes
 
 METHODS = ("auto", "exact", "approx")
@@ -120,32 +121,16 @@ class Plan:
             lines.append(f"  simulated vanilla: {format_bytes(self.simulated_vanilla_peak_bytes)}")
         lines.append(f"  overhead:        {self.predicted_overhead:.1%} of forward FLOPs recomputed")
         lines.append(f"  {'seg':>4} {'nodes':>5} {'mode':<10} {'kept':>10}  first .. last  (kept outputs)")
-        for group in _runs_of_stores(self.segments):
-            first, last = group[0], group[-1]
-            nodes = sum(len(s.nodes) for s in group)
-            kept_b = sum(s.kept_bytes for s in group)
-            names = [k for s in group for k in s.kept]
-            kept = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
-            label = f"{first.index}" if len(group) == 1 else f"{first.index}-{last.index}"
-            lines.append(f"  {label:>4} {nodes:>5} {'recompute' if first.recompute else 'store':<10} "
-                         f"{format_bytes(kept_b):>10}  {first.nodes[0]} .. {last.nodes[-1]}  ({kept})")
+        for row in segment_rows(self.segments, self.rev):
+            kept = ", ".join(row.kept[:3]) + (f" +{len(row.kept) - 3}" if len(row.kept) > 3 else "")
+            lines.append(f"  {row.label:>4} {len(row.nodes):>5} {row.mode:<10} "
+                         f"{format_bytes(row.kept_bytes):>10}  {row.nodes[0]} .. {row.nodes[-1]}  ({kept})")
         for r in self.rev:
             lines.append(f"  REV {r.name}: {', '.join(r.replaced)} -> {r.new_module} "
                          f"(params {r.params_before} -> {r.params_after})")
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
-
-
-def _runs_of_stores(segments: tuple[Segment, ...]) -> list[list[Segment]]:
-    """Segments grouped for display: each recomputed segment alone, consecutive stored ones together."""
-    groups: list[list[Segment]] = []
-    for s in segments:
-        if groups and not s.recompute and not groups[-1][-1].recompute:
-            groups[-1].append(s)
-        else:
-            groups.append([s])
-    return groups
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from benchmarks.report import fit_table, markdown  # noqa: E402
 def test_quick_run_writes_json_markdown_and_plots(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peak_memory.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "peak_memory.json").read_text())
-    assert {m["key"] for m in results["models"]} == {"fetusmapv2"}
+    assert {m["key"] for m in results["models"]} == {"fetusmapv2"} and results["meta"]["mode"] == "quick"
     methods = [r["method"] for r in results["models"][0]["rows"]]
     assert methods[0] == "vanilla" and "memplan-gcp+rev" in methods and "compile-0.5" in methods
     text = (out / "peak_memory.md").read_text()
@@ -37,6 +37,29 @@ def test_quick_run_writes_json_markdown_and_plots(tmp_path):
     png = (out / "fetusmapv2.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "peak_memory" in proc.stderr                    # the progress bar goes to stderr
+    noise = [ln for ln in proc.stderr.replace("\r", "\n").splitlines()
+             if ln.strip() and not ln.startswith(("peak_memory:", "Rockmate row", "wrote "))]
+    assert noise == []                                     # the bar, the Rockmate line, the files: no profiler noise
+
+
+def test_default_output_is_a_scratch_folder_and_quick_never_replaces_the_results():
+    from benchmarks import peak_memory
+    for argv, mode in (([], "default"), (["--quick"], "quick"), (["--full"], "full")):
+        args = peak_memory.parse_args(argv)
+        assert args.out == ROOT / "runs" / f"peak_memory-{mode}" and args.mode == mode
+    assert "/runs/" in (ROOT / ".gitignore").read_text().split()          # git never sees a scratch run
+    with pytest.raises(SystemExit) as exc:
+        peak_memory.parse_args(["--quick", "--out", str(ROOT / "benchmarks" / "results")])
+    assert exc.value.code == 2
+    assert peak_memory.parse_args(["--out", str(ROOT / "benchmarks" / "results")]).out == ROOT / "benchmarks" / "results"
+
+
+def test_help_says_where_it_writes(capsys):
+    from benchmarks import peak_memory
+    with pytest.raises(SystemExit):
+        peak_memory.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "writes to runs/peak_memory-<mode>/ unless --out is given" in text and "benchmarks/results" in text
 
 
 def test_bad_fit_budget_is_rejected_with_its_value():

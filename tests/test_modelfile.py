@@ -139,3 +139,42 @@ def test_value_dependent_forward_is_left_to_the_tracer(tmp_path):
     loaded = load_model(str(path))
     with pytest.raises(memplan.TraceError, match=r"(?s)branchy\.py:\d+.*Fix: forward reads a tensor.s values"):
         memplan.trace(loaded.model, loaded.inputs)
+
+
+# -- networks with several inputs: the advice is example_inputs() returning a tuple --------------------------
+TWO_INPUTS = """
+    import torch
+    from torch import nn
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv3d(1, 2, 3, padding=1), nn.Conv3d(1, 2, 3, padding=1)
+        def forward(self, image, mask, scale=1.0):
+            return (self.a(image) + self.b(mask)) * scale
+"""
+
+
+def test_two_input_network_loads_from_a_tuple_of_example_inputs(tmp_path):
+    path = write(tmp_path, "two.py", TWO_INPUTS + """
+    def example_inputs():
+        return torch.empty(1, 1, 8, 8, 8, device="meta"), torch.empty(1, 1, 8, 8, 8, device="meta")
+    """)
+    loaded = load_model(str(path))
+    assert loaded.input_shapes == ((1, 1, 8, 8, 8), (1, 1, 8, 8, 8))
+    plan = memplan.plan(loaded.model, loaded.inputs)
+    assert plan.simulated_peak_bytes > 0
+
+
+@pytest.mark.parametrize("extra, input_shape, match", [
+    ("", "1,1,8,8,8", r"Model\(\) in .*two.py takes 2 inputs \(image, mask\) but --input-shape gives one tensor; "
+                      r"define `def example_inputs\(\): return \(image, mask\)` in .*two.py, a tuple of 2 tensors"
+                      r".*and drop --input-shape"),
+    ("", None, r"no input shape for .*two.py: define `def example_inputs\(\): return \(image, mask\)`"),
+    ("INPUT_SHAPE = (1, 1, 8, 8, 8)\n", None, r"takes 2 inputs \(image, mask\) but INPUT_SHAPE in .*two.py gives 1; "
+                                             r"define `def example_inputs\(\): return \(image, mask\)`"),
+])
+def test_two_input_network_gets_the_tuple_advice(tmp_path, extra, input_shape, match):
+    path = write(tmp_path, "two.py", TWO_INPUTS + textwrap.indent(extra, "    "))
+    with pytest.raises(ModelFileError, match=match) as info:
+        load_model(str(path), input_shape=input_shape)
+    assert "spatial sizes divisible" not in str(info.value)          # not the one-input advice that cannot work

@@ -103,7 +103,11 @@ def _brute_force_lower_sets(g) -> int:
 
 def test_lower_sets_bound_and_count():
     g = memplan.trace(TwoBranch(), torch.empty(1, 1, 8, 8, 8, **META))
-    assert g.count_lower_sets() == _brute_force_lower_sets(g) if len(g) <= 16 else True
+    # by hand: a 3-node stem (conv, bn, relu), then two independent chains, seg (4 nodes) and loc (7):
+    # a proper prefix of the stem (3 sets: 0, 1 or 2 nodes), or the whole stem and any prefix of each
+    # branch ((4 + 1) * (7 + 1) = 40 sets)
+    assert len(g) == 14 and g.count_lower_sets() == 3 + 5 * 8 == _brute_force_lower_sets(g)
+    assert g.count_lower_sets(bound=43) == 43 and g.count_lower_sets(bound=42) is None
     assert g.count_lower_sets(bound=3) is None
 
 
