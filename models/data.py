@@ -35,17 +35,15 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from models.errors import DataError
+
 __all__ = ["DataError", "Case", "list_cases", "load_case", "load_landmarks_mm", "save_case", "resample_case",
-           "normalize_intensity", "parse_shape", "CaseDataset", "IMAGE_SUFFIX", "MASK_SUFFIX"]
+           "normalize_intensity", "parse_shape", "check_finite", "CaseDataset", "IMAGE_SUFFIX", "MASK_SUFFIX"]
 
 IMAGE_SUFFIX = ".nii.gz"
 MASK_SUFFIX = "_mask.nii.gz"
 _READ_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error,
                 gzip.BadGzipFile)
-
-
-class DataError(ValueError):
-    """A case on disk is missing, corrupt or inconsistent; the message names the file and the fix."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,11 +110,30 @@ def _read_nifti(path: Path, dtype: type) -> tuple[np.ndarray, np.ndarray, tuple[
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}; save one channel per file")
+    check_finite(data, path)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise DataError(f"{path}: voxel spacing {spacing} mm is not positive; set the header zooms "
                         f"(img.header.set_zooms) to the voxel size in mm")
     return data.astype(dtype, copy=False), np.asarray(img.affine, dtype=np.float64), spacing
+
+
+def check_finite(data: np.ndarray, path: str | Path) -> None:
+    """Raise DataError naming ``path`` when ``data`` holds NaN or infinite values (they train to a NaN loss).
+
+    >>> check_finite(np.array([0.0, np.nan]), "a.nii.gz")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    models.errors.DataError: a.nii.gz: 1 of 2 voxels are not finite (NaN or inf; first at index (1,)); ...
+    """
+    if not np.issubdtype(data.dtype, np.floating):
+        return
+    bad = ~np.isfinite(data)
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(f"{path}: {count} of {data.size} voxels are not finite (NaN or inf; first at index {first}); "
+                        f"such a case trains to a NaN loss: replace them (e.g. numpy.nan_to_num) or remove the case")
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:

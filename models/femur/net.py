@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.blocks import DoubleConv, check_channels, conv_nd, pool_nd
+from models.blocks import DoubleConv, UpConv, check_channels, conv_nd, pool_nd
 
 __all__ = ["BranchConfig", "BranchedFemurNet", "PAPER_CONFIG", "TINY_CONFIG"]
 
@@ -51,8 +51,8 @@ TINY_CONFIG = BranchConfig(channels=(2, 4, 4, 8))
 
 
 def _up(in_channels: int, out_channels: int) -> nn.Module:
-    """Learned 2x up-sampling (transposed conv, kernel 2, stride 2)."""
-    return nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
+    """Learned 2x up-sampling (transposed conv, kernel 2, stride 2, with bias; no BN)."""
+    return UpConv(3, in_channels, out_channels, norm=False, act=False)
 
 
 class BranchedFemurNet(nn.Module):

@@ -21,10 +21,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.blocks import DoubleConv, check_channels, conv_nd, norm_nd, pool_nd
+from models.blocks import DoubleConv, UpConv, check_channels, conv_nd, pool_nd
 from models.head.attention import AttentionModule
 
-__all__ = ["HeadNetConfig", "USegNetHAS", "UpConv", "PAPER_CONFIG", "TINY_CONFIG", "PAPER_INPUT_SIZE"]
+__all__ = ["HeadNetConfig", "USegNetHAS", "PAPER_CONFIG", "TINY_CONFIG", "PAPER_INPUT_SIZE"]
 
 # 0.4 x the paper's 388 x 258 x 440 volumes, rounded to multiples of 8 (three poolings).
 PAPER_INPUT_SIZE = (152, 104, 176)
@@ -63,24 +63,6 @@ class HeadNetConfig:
 
 PAPER_CONFIG = HeadNetConfig()
 TINY_CONFIG = HeadNetConfig(channels=(4, 8, 8, 8), attention_channels=4, attention_out_channels=8)
-
-
-class UpConv(nn.Sequential):
-    """2x up-sampling: transposed conv (odd kernel k, stride 2, padding k//2, output padding 1), BN, ReLU.
-
-    >>> tuple(UpConv(3, 4, 2, kernel_size=5)(torch.zeros(1, 4, 3, 2, 5)).shape)
-    (1, 2, 6, 4, 10)
-    """
-
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *, kernel_size: int = 3):
-        check_channels(in_channels=in_channels, out_channels=out_channels)
-        transposed = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
-        super().__init__(
-            transposed(in_channels, out_channels, kernel_size, stride=2, padding=kernel_size // 2,
-                       output_padding=1, bias=False),
-            norm_nd(spatial_dims)(out_channels),
-            nn.ReLU(inplace=False),
-        )
 
 
 class USegNetHAS(nn.Module):
