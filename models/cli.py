@@ -19,8 +19,17 @@ EXIT_USAGE = 2
 EXIT_BUDGET = 3
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default and keeps the description's line breaks (its examples)."""
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every default (unless the help text already explains it) and keeps the description's
+    line breaks (its examples)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if (not hidden and not action.required
+                and "default" not in text.lower() and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
 
 
 def make_parser(client: str, description: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -39,29 +48,32 @@ def parse_budget(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-def add_train_arguments(sub, client: str, *, help: str, input_size: str, epochs: int, lr: float,
+def add_train_arguments(sub, client: str, *, help: str, input_size: str, epochs: int | None, lr: float | None,
                         batch_size: int | None = 1) -> argparse.ArgumentParser:
     """The ``train`` subcommand with the flags every client shares (client-specific ones are added after)."""
     p = sub.add_parser("train", help=help, description=help, formatter_class=Formatter)
     p.add_argument("--data", required=True, help="folder of ID.nii.gz (+ ID_mask.nii.gz, ID.json) cases; "
                    f"see models/data.py (phantoms: python -m tools.phantom {client} --out DIR)")
     p.add_argument("--out", default=f"runs/{client}", help="run folder: last.pt (checkpoint with the plan), config.json")
-    p.add_argument("--input-size", default=input_size, type=parse_shape, help="network input X,Y,Z")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    p.add_argument("--input-size", default=input_size, type=parse_shape,
+                   help=f"network input X,Y,Z (default: {input_size})")
+    p.add_argument("--epochs", type=int, default=epochs,
+                   help="training epochs" + (" (default: the variant's)" if epochs is None else ""))
+    p.add_argument("--lr", type=float, default=lr,
+                   help="Adam learning rate" + (" (default: the variant's)" if lr is None else ""))
     if batch_size is not None:
-        p.add_argument("--batch-size", type=int, default=batch_size)
+        p.add_argument("--batch-size", type=int, default=batch_size, help="cases per step")
     p.add_argument("--budget", type=parse_budget, default=None,
                    help="memory budget of a training step for memplan, e.g. 8GB (default: least memory)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling, augmentation and splits")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def add_evaluate_arguments(sub, client: str, *, help: str) -> argparse.ArgumentParser:
-    """The ``evaluate`` subcommand: --checkpoint (file or run folder), --data, --device."""
-    p = sub.add_parser("evaluate", help=help, description=help, formatter_class=Formatter)
+def add_evaluate_arguments(sub, client: str, *, help: str, name: str = "evaluate") -> argparse.ArgumentParser:
+    """The ``evaluate`` subcommand (or another of its shape): --checkpoint (file or run folder), --data, --device."""
+    p = sub.add_parser(name, help=help, description=help, formatter_class=Formatter)
     p.add_argument("--checkpoint", default=f"runs/{client}", help="checkpoint file or the run folder holding last.pt")
     p.add_argument("--data", required=True, help="folder of test cases (same format as training)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
