@@ -39,7 +39,7 @@ from models.pose.net import PoseUNet, check_input_size
 
 __all__ = ["Variant", "VARIANTS", "PRESETS", "PAPER_WIDTH", "TrainConfig", "build_model", "planning_loss",
            "compile_detector", "train", "load_checkpoint", "predict_landmarks", "evaluate", "EvalResult",
-           "make_dataset"]
+           "make_dataset", "split_cases"]
 
 CLIENT = "pose"
 #: Base width whose V2 U-Net has 37,063,407 parameters (148.25 MB float32), V2 Table 4's 147.98 MB.
@@ -156,7 +156,7 @@ def _compile(model, input_shape, *, budget, rev, device, variant, plan=None) -> 
                                 device=device, plan=plan)
 
 
-def _split(config: TrainConfig) -> tuple[list[str], list[str]]:
+def split_cases(config: TrainConfig) -> tuple[list[str], list[str]]:
     """(train, validation) case ids; validation is a seeded random ``val_fraction`` of the cases."""
     ids = list(config.case_ids) if config.case_ids else list_cases(config.data)
     n_val = int(round(config.val_fraction * len(ids)))
@@ -195,7 +195,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
     if config.input_size is not None and config.scale_ratio is None:
         check_input_size(config.input_size, config.depth)
     torch.manual_seed(config.seed)
-    train_ids, val_ids = _split(config)
+    train_ids, val_ids = split_cases(config)
     data = make_dataset(config, train_ids, augment=config.augment)
     grid = tuple(data.input_size)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, num_workers=0, drop_last=True,
