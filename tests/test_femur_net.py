@@ -100,3 +100,20 @@ def test_discriminator_layout_and_any_input_size():
         PairDiscriminator(3, 4, channels=(2, 2))
     with pytest.raises(ValueError, match=r"branch_epochs=-1"):
         AdversarialSchedule(-1, 2)
+
+
+def test_without_cross_connections_the_branches_share_only_the_encoder():
+    """BRN / BRND: the segmentation output does not depend on the localization branch, nor back."""
+    torch.manual_seed(0)
+    net = BranchedFemurNet(3, 1, 2, channels=(2, 4, 4, 8), cross=False).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    seg, h1, h2 = net(x)
+    with torch.no_grad():
+        for p in net.loc_enc2.parameters():      # change the localization branch only
+            p.add_(1.0)
+        seg2, h1b, _ = net(x)
+    assert torch.equal(seg, seg2) and not torch.equal(h1, h1b)
+    with_cross = BranchedFemurNet(3, 1, 2, channels=(2, 4, 4, 8)).eval()
+    assert with_cross.loc_bottom[0][0].in_channels == 2 * 4 and net.loc_bottom[0][0].in_channels == 4
+    from models.blocks import count_parameters
+    assert count_parameters(with_cross) > count_parameters(net)

@@ -135,15 +135,17 @@ def center_distance_loss(heatmap_1: torch.Tensor, heatmap_2: torch.Tensor, *, te
 
 
 def branch_loss(outputs: tuple[torch.Tensor, ...], labels: torch.Tensor, heatmap_targets: torch.Tensor,
-                config: BranchLossConfig = BranchLossConfig()) -> BranchLossTerms:
+                config: BranchLossConfig = BranchLossConfig(), class_weights: torch.Tensor | None = None
+                ) -> BranchLossTerms:
     """L_branch (Eq. 2) from the network outputs ``(seg_probs, H1, H2)``.
 
-    ``labels`` (B, *S) integer map; ``heatmap_targets`` (B, 2, *S) Gaussian maps of the two endpoints.
+    ``labels`` (B, *S) integer map; ``heatmap_targets`` (B, 2, *S) Gaussian maps of the two endpoints;
+    ``class_weights`` of wCross default to the labels' frequency weights.
     """
     if len(outputs) != 3:
         raise ValueError(f"expected outputs (seg_probs, H1, H2), got {len(outputs)} tensors")
     probs, h1, h2 = outputs
-    hyb = hybrid_loss(probs, labels, config.theta)
+    hyb = hybrid_loss(probs, labels, config.theta, class_weights)
     reg = heatmap_l2_loss(torch.cat([h1, h2], dim=1), heatmap_targets)
     cd = center_distance_loss(h1, h2, temperature=config.temperature, eps=config.cd_eps)
     total = config.alpha * hyb + config.beta * (reg + config.gamma * cd)

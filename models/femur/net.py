@@ -36,6 +36,7 @@ class BranchConfig:
     in_channels: int = 1
     out_channels: int = 2  # segmentation classes, background included
     num_landmarks: int = 2
+    cross: bool = True     # the cross connections A, B, C (BRNDC); False: the basic branched network (BRN, BRND)
 
     def __post_init__(self) -> None:
         if len(self.channels) != 4:
@@ -56,7 +57,8 @@ def _up(in_channels: int, out_channels: int) -> nn.Module:
 
 
 class BranchedFemurNet(nn.Module):
-    """Joint femur segmentation and endpoint localization (BRNDC of the paper, Fig. 2).
+    """Joint femur segmentation and endpoint localization (BRNDC of the paper, Fig. 2; ``cross=False``:
+    the basic branched network BRN, two branches sharing only the encoder).
 
     ``forward(x)`` returns ``(seg_probs, heatmap_1, heatmap_2, ...)``: softmax class probabilities of
     shape ``(B, out_channels, *S)`` and one ``(B, 1, *S)`` heatmap per landmark.
@@ -68,30 +70,31 @@ class BranchedFemurNet(nn.Module):
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, *,
-                 channels: tuple[int, int, int, int] = (16, 32, 64, 128), num_landmarks: int = 2):
+                 channels: tuple[int, int, int, int] = (16, 32, 64, 128), num_landmarks: int = 2, cross: bool = True):
         super().__init__()
         if spatial_dims != 3:
             raise ValueError(f"BranchedFemurNet is a 3D network: spatial_dims must be 3, got {spatial_dims!r}")
-        self.config = BranchConfig(tuple(channels), in_channels, out_channels, num_landmarks)
+        self.config = BranchConfig(tuple(channels), in_channels, out_channels, num_landmarks, cross)
         c0, c1, c2, c3 = self.config.channels
+        x = 2 if cross else 1                      # a cross connection doubles its consumer's input
         self.pool = pool_nd(3)(kernel_size=2, stride=2)
         # shared encoder
         self.stem = DoubleConv(3, in_channels, c0)
         self.enc1 = DoubleConv(3, c0, c1)
         # segmentation branch: bottom at 1/4, two long concatenating skips (e1, e0)
         self.seg_bottom = DoubleConv(3, c1, c2)
-        self.seg_up1 = _up(2 * c2, c1)            # input s2 ⊕ d2 (cross B)
+        self.seg_up1 = _up(x * c2, c1)            # input s2 ⊕ d2 (cross B)
         self.seg_dec1 = DoubleConv(3, 2 * c1, c1)  # up ⊕ e1 (skip 1)
         self.seg_up0 = _up(c1, c0)
         self.seg_dec0 = DoubleConv(3, 2 * c0, c0)  # up ⊕ e0 (skip 2)
         self.seg_head = conv_nd(3)(c0, out_channels, kernel_size=1)
         # localization branch: one level deeper (bottom at 1/8), one skip at 1/4
         self.loc_enc2 = DoubleConv(3, c1, c2)
-        self.loc_bottom = DoubleConv(3, 2 * c2, c3)  # pool(l2 ⊕ s2): cross A
+        self.loc_bottom = DoubleConv(3, x * c2, c3)  # pool(l2 ⊕ s2): cross A
         self.loc_up2 = _up(c3, c2)
         self.loc_dec2 = DoubleConv(3, 2 * c2, c2)   # up ⊕ l2 (the skip)
         self.loc_up1 = _up(c2, c1)
-        self.loc_dec1 = DoubleConv(3, 2 * c1, c1)   # up ⊕ s1 (cross C)
+        self.loc_dec1 = DoubleConv(3, x * c1, c1)   # up ⊕ s1 (cross C)
         self.loc_up0 = _up(c1, c0)
         self.loc_dec0 = DoubleConv(3, c0, c0)
         self.loc_head = conv_nd(3)(c0, num_landmarks, kernel_size=1)
@@ -113,11 +116,12 @@ class BranchedFemurNet(nn.Module):
         e1_down = self.pool(e1)
         s2 = self.seg_bottom(e1_down)
         l2 = self.loc_enc2(e1_down)
-        l3 = self.loc_bottom(self.pool(torch.cat([l2, s2], dim=1)))          # cross A: seg -> loc
-        d2 = self.loc_dec2(torch.cat([self.loc_up2(l3), l2], dim=1))         # loc skip
-        s1 = self.seg_dec1(torch.cat([self.seg_up1(torch.cat([s2, d2], dim=1)), e1], dim=1))  # cross B, skip 1
-        s0 = self.seg_dec0(torch.cat([self.seg_up0(s1), e0], dim=1))         # skip 2
-        d1 = self.loc_dec1(torch.cat([self.loc_up1(d2), s1], dim=1))         # cross C: seg -> loc
+        cross = self.config.cross                                            # a Python bool: fx specialises it
+        l3 = self.loc_bottom(self.pool(torch.cat([l2, s2], dim=1) if cross else l2))        # cross A: seg -> loc
+        d2 = self.loc_dec2(torch.cat([self.loc_up2(l3), l2], dim=1))                     # loc skip
+        s1 = self.seg_dec1(torch.cat([self.seg_up1(torch.cat([s2, d2], dim=1) if cross else s2), e1], dim=1))  # B
+        s0 = self.seg_dec0(torch.cat([self.seg_up0(s1), e0], dim=1))                     # skip 2
+        d1 = self.loc_dec1(torch.cat([self.loc_up1(d2), s1], dim=1) if cross else self.loc_up1(d2))  # cross C
         d0 = self.loc_dec0(self.loc_up0(d1))
         seg_probs = torch.softmax(self.seg_head(s0), dim=1)
         heatmaps = self.loc_head(d0)
