@@ -39,7 +39,8 @@ def plan_line(plan: Any) -> str:
     vanilla = plan.simulated_vanilla_peak_bytes or plan.vanilla_peak_bytes
     planned = plan.simulated_peak_bytes or plan.predicted_peak_bytes
     kind = "simulated" if plan.simulated_peak_bytes else "cost model"
-    budget = memplan.format_bytes(plan.budget_bytes) if plan.budget_bytes else "none (least memory)"
+    budget = (f"{memplan.format_bytes(plan.budget_bytes, binary=False)} ({memplan.format_bytes(plan.budget_bytes)})"
+              if plan.budget_bytes else "none (least memory)")
     rev = f", {len(plan.rev)} REV block(s)" if getattr(plan, "rev", ()) else ""
     return (f"memplan: vanilla peak {memplan.format_bytes(vanilla)}, planned peak {memplan.format_bytes(planned)} "
             f"({planned / vanilla:.0%} of vanilla, {kind}), recompute {plan.predicted_overhead:.1%} of forward "
