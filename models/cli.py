@@ -48,17 +48,18 @@ def parse_budget(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-def add_train_arguments(sub, client: str, *, help: str, input_size: str, epochs: int | None, lr: float | None,
-                        batch_size: int | None = 1) -> argparse.ArgumentParser:
+def add_train_arguments(sub, client: str, *, help: str, input_size: str | None, epochs: int | None, lr: float | None,
+                        batch_size: int | None = 1, input_size_help: str | None = None,
+                        epochs_help: str | None = None) -> argparse.ArgumentParser:
     """The ``train`` subcommand with the flags every client shares (client-specific ones are added after)."""
     p = sub.add_parser("train", help=help, description=help, formatter_class=Formatter)
     p.add_argument("--data", required=True, help="folder of ID.nii.gz (+ ID_mask.nii.gz, ID.json) cases; "
                    f"see models/data.py (phantoms: python -m tools.phantom {client} --out DIR)")
     p.add_argument("--out", default=f"runs/{client}", help="run folder: last.pt (checkpoint with the plan), config.json")
     p.add_argument("--input-size", default=input_size, type=parse_shape,
-                   help=f"network input X,Y,Z (default: {input_size})")
+                   help=input_size_help or f"network input X,Y,Z (default: {input_size})")
     p.add_argument("--epochs", type=int, default=epochs,
-                   help="training epochs" + (" (default: the variant's)" if epochs is None else ""))
+                   help=epochs_help or "training epochs" + (" (default: the variant's)" if epochs is None else ""))
     p.add_argument("--lr", type=float, default=lr,
                    help="Adam learning rate" + (" (default: the variant's)" if lr is None else ""))
     if batch_size is not None:

@@ -60,6 +60,7 @@ def test_rev_budget_and_the_real_loss_reach_memplan(dirs, monkeypatch, capsys):
     assert memplan.Plan.from_json(state["plans"]["detector"]).segments
 
 
+@pytest.mark.slow
 def test_real_rev_training_reloads_the_trained_substituted_network(dirs):
     """REV substitution by memplan itself: the checkpoint rebuilds the REV network with its trained weights."""
     with pytest.warns(UserWarning, match="REV substitution changed the network"):
@@ -94,6 +95,7 @@ def test_plan_summary_and_per_step_progress_go_to_stderr(dirs, capsys):
     assert "16/16" in err and "epoch 2/2" in err                 # 8 cases x 2 epochs, one update per case
 
 
+@pytest.mark.slow
 def test_cuda_without_a_gpu_and_an_infeasible_budget_exit_like_memplan(dirs, capsys):
     if not torch.cuda.is_available():
         assert main(["train", "--data", str(dirs / "train"), "--device", "cuda", *TINY]) == 2

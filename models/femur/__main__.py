@@ -34,13 +34,9 @@ DEFAULT_LOSS = BranchLossConfig()
 def _parser() -> argparse.ArgumentParser:
     parser, sub = make_parser("femur", __doc__)
     t = add_train_arguments(sub, "femur", help="train the ROI detector and the branched network",
-                            input_size=None, epochs=16, lr=1e-3)
-    t.set_defaults(input_size=None)
-    for action in t._actions:                                   # --input-size: the fixed patch, only without 0.65
-        if action.dest == "input_size":
-            action.help = "fixed ROI patch X,Y,Z (multiples of 8) instead of --roi-scale"
-        if action.dest == "epochs":
-            action.help = "epochs with L_branch only (paper: 16)"
+                            input_size=None, epochs=16, lr=1e-3,
+                            input_size_help="fixed ROI patch X,Y,Z (multiples of 8) instead of --roi-scale",
+                            epochs_help="epochs with L_branch only (paper: 16)")
     t.add_argument("--variant", choices=("brn", "brnd", "brndc", "brndc-d"), default="brndc-d",
                    help="Table 1-2 row: brn (no cross connections, gamma 0, no GAN), brnd (+ L_CD), brndc (+ cross "
                         "connections), brndc-d (+ adversarial fine-tuning)")
