@@ -14,6 +14,7 @@ Writes are atomic (a temporary file renamed into place), so a crash never leaves
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ def load_checkpoint_file(path: str | Path, client: str, *, device: str | torch.d
                           f"`python -m models.{client} train --data DIR --out {p.parent}`")
     try:
         raw = torch.load(p, map_location=device, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
         raise ClientError(f"{p}: not a readable torch checkpoint ({type(exc).__name__}: {exc}); retrain") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ClientError(f"{p}: not a memplan client checkpoint (no \"format\": {FORMAT!r}); it was written by "
