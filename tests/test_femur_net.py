@@ -117,3 +117,27 @@ def test_without_cross_connections_the_branches_share_only_the_encoder():
     assert with_cross.loc_bottom[0][0].in_channels == 2 * 4 and net.loc_bottom[0][0].in_channels == 4
     from models.blocks import count_parameters
     assert count_parameters(with_cross) > count_parameters(net)
+
+
+def test_unet_s_and_unet_l_are_the_two_branches_of_brn():
+    """Unet-S / Unet-L: "the same encoder, decoder and skip connections as the segmentation / localization
+    branch of BRN": their parameters add up to BRN's plus one shared encoder."""
+    from models.blocks import count_parameters
+    widths = (2, 4, 4, 8)
+    brn = BranchedFemurNet(3, 1, 2, channels=widths, cross=False)
+    seg = BranchedFemurNet(3, 1, 2, channels=widths, cross=False, branches="seg")
+    loc = BranchedFemurNet(3, 1, 2, channels=widths, cross=False, branches="loc")
+    encoder = count_parameters(brn.stem) + count_parameters(brn.enc1)
+    assert count_parameters(seg) + count_parameters(loc) == count_parameters(brn) + encoder
+    x = torch.randn(1, 1, 16, 16, 16)
+    (probs,) = seg(x)
+    h1, h2 = loc(x)
+    assert probs.shape == (1, 2, 16, 16, 16) and h1.shape == h2.shape == (1, 1, 16, 16, 16)
+    # with BRN's weights, each baseline computes exactly BRN's corresponding outputs (no cross connections)
+    seg.load_state_dict({k: v for k, v in brn.state_dict().items() if k in seg.state_dict()})
+    loc.load_state_dict({k: v for k, v in brn.state_dict().items() if k in loc.state_dict()})
+    brn.eval(), seg.eval(), loc.eval()
+    full = brn(x)
+    assert torch.allclose(seg(x)[0], full[0], atol=1e-6) and torch.allclose(loc(x)[1], full[2], atol=1e-6)
+    with pytest.raises(ValueError, match="no cross connections"):
+        BranchedFemurNet(3, 1, 2, channels=widths, branches="seg")

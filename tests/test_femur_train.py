@@ -128,3 +128,17 @@ def test_memplan_plans_with_l_branch():
     zeros = torch.zeros(1, 16, 16, 16, dtype=torch.long)
     expected = branch_loss(outputs, zeros, torch.zeros(1, 2, 16, 16, 16)).total
     assert float(planning_loss(BranchLossConfig())(outputs)) == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize("variant", ["unet-s", "unet-l"])
+def test_one_branch_baselines_train_and_report_only_their_metrics(phantoms, tmp_path, variant):
+    out = tmp_path / variant
+    assert main(["train", "--data", str(phantoms), "--out", str(out), "--config", "tiny", "--input-size", "16,16,16",
+                 "--epochs", "1", "--roi-epochs", "0", "--roi-margin", "3", "--variant", variant, "--quiet"]) == 0
+    history = torch.load(out / "last.pt", weights_only=False)["history"][0]
+    assert (history["hybrid"] == 0.0) == (variant == "unet-l") and (history["reg"] == 0.0) == (variant == "unet-s")
+    report = tmp_path / "m.json"
+    assert main(["evaluate", "--data", str(phantoms), "--checkpoint", str(out), "--gt-roi", "--json", str(report),
+                 "--quiet"]) == 0
+    case = json.loads(report.read_text())["cases"][0]
+    assert (case["dsc"] is None) == (variant == "unet-l") and (case["p1_error_mm"] is None) == (variant == "unet-s")

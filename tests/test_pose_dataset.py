@@ -1,7 +1,6 @@
 """PoseDataset: targets sit on the landmarks after resampling and after the 90 degree augmentation."""
 import numpy as np
 import pytest
-import torch
 
 from models.augment import AugmentConfig
 from models.pose.dataset import PoseDataset, mirror_order, v2_augmentation

@@ -37,9 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                             input_size=None, epochs=16, lr=1e-3,
                             input_size_help="fixed ROI patch X,Y,Z (multiples of 8) instead of --roi-scale",
                             epochs_help="epochs with L_branch only (paper: 16)")
-    t.add_argument("--variant", choices=("brn", "brnd", "brndc", "brndc-d"), default="brndc-d",
-                   help="Table 1-2 row: brn (no cross connections, gamma 0, no GAN), brnd (+ L_CD), brndc (+ cross "
-                        "connections), brndc-d (+ adversarial fine-tuning)")
+    t.add_argument("--variant", choices=("unet-s", "unet-l", "brn", "brnd", "brndc", "brndc-d"), default="brndc-d",
+                   help="Table 1-2 row: unet-s / unet-l (one branch of BRN), brn (no cross connections, gamma 0, "
+                        "no GAN), brnd (+ L_CD), brndc (+ cross connections), brndc-d (+ adversarial fine-tuning)")
     t.add_argument("--config", choices=sorted(CONFIGS), default="paper", help="network widths")
     t.add_argument("--roi-scale", type=float, default=PAPER_ROI_SCALE, help="rescale each ROI by this (paper)")
     t.add_argument("--adv-epochs", type=int, default=5, help="then epochs with L_branch + L_gan (paper: 5)")
@@ -60,11 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from models.femur.train import VARIANTS, TrainConfig, train
-    cross, gamma, adv = VARIANTS[args.variant]
+    cross, gamma, adv, branches = VARIANTS[args.variant]
     loss = BranchLossConfig(gamma=args.gamma if gamma is None else gamma, theta=args.theta)
     config = TrainConfig(
         data_dir=args.data, out_dir=args.out, patch_size=args.input_size,
-        roi_scale=None if args.input_size else args.roi_scale, **CONFIGS[args.config], cross=cross,
+        roi_scale=None if args.input_size else args.roi_scale, **CONFIGS[args.config], cross=cross, branches=branches,
         schedule=AdversarialSchedule(args.epochs, args.adv_epochs if adv is None else adv, args.adv_weight), loss=loss,
         batch_size=args.batch_size, lr=args.lr, roi_epochs=args.roi_epochs, roi_volume_size=args.roi_size,
         roi_margin_vox=args.roi_margin, sigma_vox=args.sigma, budget=args.budget, compile=not args.no_compile,

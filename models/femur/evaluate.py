@@ -70,8 +70,9 @@ def heatmap_peaks(heatmaps: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def predict_case(model: BranchedFemurNet, case: Case, box: Box3D, patch_size: Sequence[int] | None = None, *,
-                 roi_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(binary mask on the case grid, (2, 3) endpoints in case voxels) from the network on ``box``: the ROI
+                 roi_scale: float | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(binary mask on the case grid, (2, 3) endpoints in case voxels; None for what a one-branch baseline
+    does not predict) from the network on ``box``: the ROI
     resampled to ``patch_size``, or rescaled by ``roi_scale`` and zero-padded to a multiple of 8."""
     roi = crop_case(Case(case.case_id, case.volume, case.spacing_mm), box)
     shape = patch_size if roi_scale is None else tuple(max(2, round(n * roi_scale)) for n in roi.shape)
@@ -79,15 +80,22 @@ def predict_case(model: BranchedFemurNet, case: Case, box: Box3D, patch_size: Se
     image = normalize_intensity(patch.volume)
     grid = scaled_shape(image.shape, 1.0)
     image = np.pad(image, [(0, g - n) for n, g in zip(image.shape, grid)])
-    seg_probs, *heatmaps = model.eval()(torch.from_numpy(image)[None, None])
+    outputs = model.eval()(torch.from_numpy(image)[None, None])
     crop = tuple(slice(0, n) for n in patch.shape)
-    seg_probs = seg_probs[(slice(None), slice(None), *crop)]
-    heatmaps = [h[(slice(None), slice(None), *crop)] for h in heatmaps]
-    fg = (1.0 - seg_probs[0, 0]).numpy()                          # P(any femur class)
-    factors = np.array(roi.shape, dtype=np.float64) / np.array(patch.shape)
-    fg_roi = ndimage.zoom(fg, factors, order=1, mode="nearest")   # corner-aligned, as resample_case
-    mask = np.zeros(case.shape, dtype=bool)
-    mask[box.slices] = fg_roi > 0.5
+    outputs = [o[(slice(None), slice(None), *crop)] for o in outputs]
+    branches = model.config.branches
+    seg_probs = outputs[0] if branches != "loc" else None         # Unet-L segments nothing, Unet-S finds no point
+    heatmaps = outputs[1:] if branches == "both" else outputs if branches == "loc" else []
+    if seg_probs is None:
+        mask = None
+    else:
+        fg = (1.0 - seg_probs[0, 0]).numpy()                      # P(any femur class)
+        factors = np.array(roi.shape, dtype=np.float64) / np.array(patch.shape)
+        fg_roi = ndimage.zoom(fg, factors, order=1, mode="nearest")   # corner-aligned, as resample_case
+        mask = np.zeros(case.shape, dtype=bool)
+        mask[box.slices] = fg_roi > 0.5
+    if not heatmaps:
+        return mask, None
     ratio = np.array([(r - 1) / (p - 1) for r, p in zip(roi.shape, patch.shape)])
     points = heatmap_peaks(torch.cat(heatmaps, dim=1)[0]) * ratio + np.asarray(box.start, dtype=np.float64)
     return mask, points

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage
-from torch import nn
 
 from models.blocks import UNet
 

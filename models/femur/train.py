@@ -34,8 +34,10 @@ __all__ = ["TrainConfig", "TrainResult", "VARIANTS", "planning_loss", "compile_m
 
 CLIENT = "femur"
 
-#: Table 1-2 variants: (cross connections, gamma of L_CD or None for the config's, adversarial epochs or None)
-VARIANTS = {"brn": (False, 0.0, 0), "brnd": (False, None, 0), "brndc": (True, None, 0), "brndc-d": (True, None, None)}
+#: Table 1-2 variants: (cross connections, gamma of L_CD or None for the config's, adversarial epochs or None
+#: for the config's, branches). Unet-S / Unet-L: one branch of BRN, its loss terms only.
+VARIANTS = {"unet-s": (False, 0.0, 0, "seg"), "unet-l": (False, 0.0, 0, "loc"), "brn": (False, 0.0, 0, "both"),
+            "brnd": (False, None, 0, "both"), "brndc": (True, None, 0, "both"), "brndc-d": (True, None, None, "both")}
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class TrainConfig:
     roi_scale: float | None = PAPER_ROI_SCALE
     channels: tuple[int, int, int, int] = (16, 32, 64, 128)
     cross: bool = True
+    branches: str = "both"
     schedule: AdversarialSchedule = field(default_factory=AdversarialSchedule)
     loss: BranchLossConfig = field(default_factory=BranchLossConfig)
     disc_channels: tuple[int, ...] = (16, 32, 64, 64, 128, 128)
@@ -76,6 +79,9 @@ class TrainConfig:
             BranchedFemurNet.check_input_shape(self.patch_size)
         if self.roi_scale is not None and not 0 < self.roi_scale <= 1:
             raise ValueError(f"roi_scale must be in (0, 1], got {self.roi_scale}")
+        if self.branches != "both" and self.schedule.adversarial_epochs:
+            raise ValueError(f"D_pair judges (segmentation, heatmaps) pairs: a one-branch network ({self.branches!r}) "
+                             f"cannot be fine-tuned adversarially; use adversarial_epochs=0 (--adv-epochs 0)")
         if self.batch_size < 1 or self.lr <= 0 or self.roi_epochs < 0:
             raise ValueError(f"need batch_size >= 1, lr > 0, roi_epochs >= 0; got batch_size={self.batch_size}, "
                              f"lr={self.lr}, roi_epochs={self.roi_epochs}")
@@ -98,7 +104,8 @@ def planning_loss(config: BranchLossConfig) -> Callable[[tuple], torch.Tensor]:
     def loss(outputs: tuple) -> torch.Tensor:
         probs = outputs[0]
         labels = torch.zeros((probs.shape[0], *probs.shape[2:]), dtype=torch.long, device=probs.device)
-        targets = torch.zeros((probs.shape[0], len(outputs) - 1, *probs.shape[2:]), device=probs.device)
+        maps = len(outputs) if len(outputs) == 2 else len(outputs) - 1            # Unet-L returns (H1, H2) only
+        targets = torch.zeros((probs.shape[0], maps, *probs.shape[2:]), device=probs.device)
         weights = torch.zeros(probs.shape[1], device=probs.device)             # 1 - N_c / N with every voxel class 0
         weights[1:] = 1.0
         return branch_loss(outputs, labels, targets, config, class_weights=weights).total
@@ -170,13 +177,14 @@ def train_branch(config: TrainConfig, dataset: FemurDataset | None = None, *,
     torch.manual_seed(config.seed)
     data = dataset or make_dataset(config)
     grid = tuple(data.input_size)
-    model = BranchedFemurNet(3, 1, 2, channels=config.channels, cross=config.cross).to(device)
+    model = BranchedFemurNet(3, 1, 2, channels=config.channels, cross=config.cross, branches=config.branches).to(device)
     disc = PairDiscriminator(3, model.config.out_channels + 2, channels=config.disc_channels).to(device)
     step_model, plan = model, None
     if config.compile:
         compiled = compile_model(model, (config.batch_size, 1, *grid), config.budget, loss=config.loss, device=device)
         step_model, plan = compiled.module, compiled.plan
-        log(f"femur branched network ({'BRNDC' if config.cross else 'BRN'}), input "
+        name = {"seg": "Unet-S", "loc": "Unet-L"}.get(config.branches, "BRNDC" if config.cross else "BRN")
+        log(f"femur network ({name}), input "
             f"{config.batch_size}x1x{'x'.join(map(str, grid))}\n{compiled.summary}")
     opts = (torch.optim.Adam(model.parameters(), lr=config.lr), torch.optim.Adam(disc.parameters(), lr=config.lr))
     loader = _loader(data, config.batch_size, config.seed)
@@ -251,7 +259,8 @@ def load_branch(path: str | Path) -> tuple[BranchedFemurNet, dict]:
     """The branched network of a checkpoint (a last.pt or its run folder; eval mode) and its training config."""
     ckpt = load_checkpoint_file(path, CLIENT)
     config = ckpt.config
-    model = BranchedFemurNet(3, 1, 2, channels=tuple(config["channels"]), cross=bool(config.get("cross", True)))
+    model = BranchedFemurNet(3, 1, 2, channels=tuple(config["channels"]), cross=bool(config.get("cross", True)),
+                             branches=config.get("branches", "both"))
     model.load_state_dict(ckpt.models["branch"])
     return model.eval(), dict(config)
 

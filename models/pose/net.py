@@ -14,8 +14,7 @@ by 2**depth (176,112,112 and 208,128,144 are).
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+import torch  # noqa: F401  (used by the doctests)
 
 from models.blocks import UNet, check_channels
 
