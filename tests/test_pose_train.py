@@ -106,6 +106,7 @@ def test_validation_split_keeps_the_best_epoch(data_dir, tmp_path):
     assert float(evaluate(model, ds, "v2").errors_mm.mean()) == pytest.approx(min(val), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_budget_below_the_minimum_names_the_fix(data_dir, tmp_path):
     config = TrainConfig(data=str(data_dir), out=str(tmp_path), epochs=1, progress=False, budget="1MB", **TINY)
     with pytest.raises(memplan.MemplanError, match="raise the budget"):

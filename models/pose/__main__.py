@@ -20,7 +20,7 @@ import numpy as np
 from models.cli import add_evaluate_arguments, add_train_arguments, main_of, make_parser, parse_budget
 from models.planning import compile_for_training, resolve_device
 from models.pose.metrics import pck_table
-from models.pose.refine import FETUSMAP_SSL, V2_SSL, refine_case, ssl_v2_loss
+from models.pose.refine import FETUSMAP_SSL, V2_SSL, refine_case, ssl_planning_loss
 from models.pose.registration import PoseLibrary
 from models.pose.train import PAPER_WIDTH, PRESETS, VARIANTS, TrainConfig, evaluate, load_checkpoint, make_dataset, train
 
@@ -103,11 +103,9 @@ def _run_refine(args) -> int:
     library = PoseLibrary.from_directory(args.library, ssl.landmarks.names)
     data = make_dataset(config, None, augment=False, data=args.data)
 
-    def compile_fn(module, shape):
-        def loss(out):                                     # the SSL loss on the target channels (Eq. 11)
-            channels = list(ssl.landmarks.channels(*ssl.targets))
-            return ssl_v2_loss(out[:, channels], out.new_zeros((out.shape[0], len(channels), *out.shape[2:])))
-        return compile_for_training(module, shape, loss_fn=loss, budget=args.budget, device=device).module
+    def compile_fn(module, shape):                         # planned with the SSL loss itself
+        return compile_for_training(module, shape, loss_fn=ssl_planning_loss(ssl), budget=args.budget,
+                                    device=device).module
 
     def refined(image, sample):
         return refine_case(model, image, sample["affine"].numpy(), library, ssl, compile_fn=compile_fn).after_vox

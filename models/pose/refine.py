@@ -29,7 +29,7 @@ from models.pose.landmarks import FETUSMAP_LANDMARKS, V2_LANDMARKS, LandmarkSet
 from models.pose.lr_rule import assign_sides
 from models.pose.registration import PoseLibrary
 
-__all__ = ["SSLConfig", "V2_SSL", "FETUSMAP_SSL", "RefineResult", "ssl_v2_loss", "refine_case", "as_affine",
+__all__ = ["SSLConfig", "V2_SSL", "FETUSMAP_SSL", "RefineResult", "ssl_v2_loss", "refine_case", "ssl_planning_loss", "as_affine",
            "to_world", "to_voxel"]
 
 
@@ -102,6 +102,19 @@ def to_voxel(points_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.asarray(points_mm, dtype=np.float64) @ inverse[:3, :3].T + inverse[:3, 3]
 
 
+def ssl_planning_loss(config: SSLConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The SSL loss on the target channels against zero maps shaped like them: what memplan plans with
+    (Eq. 11 for V2, the L2 of the atlas proxy for FetusMap)."""
+    channels = list(config.landmarks.channels(*config.targets))
+
+    def loss(out: torch.Tensor) -> torch.Tensor:
+        target = out.new_zeros((out.shape[0], len(channels), *out.shape[2:]))
+        if config.proxy == "pseudo_label":
+            return ssl_v2_loss(out[:, channels], target)
+        return ((out[:, channels] - target) ** 2).flatten(2).sum(-1).mean()
+    return loss
+
+
 def _proxy(config: SSLConfig, pred_mm: np.ndarray, atlases_mm: np.ndarray, affine: np.ndarray,
            shape: Sequence[int]) -> tuple[list[int], torch.Tensor]:
     """(channels, target heatmaps (1, n, X, Y, Z)) of this iteration's label proxy."""
@@ -134,8 +147,9 @@ def refine_case(model: nn.Module, image: torch.Tensor, frame: Sequence[float] | 
         detector = copy.deepcopy(model)                          # compiled already (REV): planning again fails
     else:
         if compile_fn is None:
-            from models.pose.train import compile_detector
-            compile_fn = lambda m, shape: compile_detector(m, shape, device=image.device)      # noqa: E731
+            from models.planning import compile_for_training
+            compile_fn = lambda m, shape: compile_for_training(  # noqa: E731
+                m, shape, loss_fn=ssl_planning_loss(config), device=image.device).module
         detector = compile_fn(copy.deepcopy(model), tuple(image.shape))
     optimizer = torch.optim.Adam(detector.parameters(), lr=config.lr, betas=(0.5, 0.999))
     affine = as_affine(frame)
