@@ -135,3 +135,18 @@ def test_errors_are_messages_not_tracebacks(dirs, capsys):
     assert "not divisible by 2**depth = 4" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(dirs / "nope.pt"), "--data", str(dirs / "test")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_presets_fill_the_papers_setups_and_flags_win():
+    from models.pose.__main__ import build_parser, train_config
+    v2 = train_config(build_parser().parse_args(["train", "--data", "d", "--preset", "fetusmapv2"]))
+    assert (v2.variant, v2.input_size, v2.rev, v2.budget, v2.resolved_lr, v2.resolved_epochs) == \
+        ("v2", (208, 128, 144), True, "8GB", 1e-4, 100)
+    fm = train_config(build_parser().parse_args(["train", "--data", "d", "--preset", "fetusmap", "--width", "paper"]))
+    assert (fm.variant, fm.scale_ratio, fm.budget, fm.channels, fm.resolved_lr, fm.resolved_epochs) == \
+        ("fetusmap", 0.5, "12GB", 41, 1e-3, 20)
+    mine = train_config(build_parser().parse_args(["train", "--data", "d", "--preset", "fetusmapv2", "--budget", "6GB",
+                                               "--input-size", "192,112,128", "--lr", "3e-4"]))
+    assert (mine.budget, mine.input_size, mine.rev, mine.resolved_lr) == ("6GB", (192, 112, 128), True, 3e-4)
+    plain = train_config(build_parser().parse_args(["train", "--data", "d"]))
+    assert (plain.input_size, plain.rev, plain.budget, plain.channels) == ((176, 112, 112), False, None, 32)

@@ -27,7 +27,7 @@ from models.pose.train import PAPER_WIDTH, PRESETS, VARIANTS, TrainConfig, evalu
 WIDTHS = {"unet3d": 32, "paper": PAPER_WIDTH}
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser, sub = make_parser("pose", __doc__)
     p = add_train_arguments(sub, "pose", help="train a detector through memplan.compile", input_size="176,112,112",
                             epochs=None, lr=None)
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_config(args) -> TrainConfig:
+def train_config(args) -> TrainConfig:
     """Flags over the preset over the defaults."""
     preset = PRESETS.get(args.preset, {})
     explicit = {"variant": args.variant, "budget": args.budget, "rev": args.rev, "scale_ratio": args.scale_ratio}
@@ -76,7 +76,7 @@ def _train_config(args) -> TrainConfig:
 
 
 def _run_train(args) -> int:
-    result = train(_train_config(args))
+    result = train(train_config(args))
     best = f"; best {result['best']}" if result["best"] else ""
     print(f"loss {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}; checkpoint {result['checkpoint']}{best}")
     return 0
@@ -118,7 +118,7 @@ def _run_refine(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return main_of(_parser, {"train": _run_train, "evaluate": _run_evaluate, "refine": _run_refine}, argv)
+    return main_of(build_parser, {"train": _run_train, "evaluate": _run_evaluate, "refine": _run_refine}, argv)
 
 
 if __name__ == "__main__":
