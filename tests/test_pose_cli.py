@@ -148,5 +148,10 @@ def test_presets_fill_the_papers_setups_and_flags_win():
     mine = train_config(build_parser().parse_args(["train", "--data", "d", "--preset", "fetusmapv2", "--budget", "6GB",
                                                "--input-size", "192,112,128", "--lr", "3e-4"]))
     assert (mine.budget, mine.input_size, mine.rev, mine.resolved_lr) == ("6GB", (192, 112, 128), True, 3e-4)
+    fm_plain = train_config(build_parser().parse_args(["train", "--data", "d", "--variant", "fetusmap"]))
+    assert fm_plain.scale_ratio == 0.4                       # FetusMap's Land-R4: volumes downsampled 0.4x
+    fm_sized = train_config(build_parser().parse_args(["train", "--data", "d", "--variant", "fetusmap",
+                                                       "--input-size", "64,64,64"]))
+    assert fm_sized.scale_ratio is None and fm_sized.input_size == (64, 64, 64)
     plain = train_config(build_parser().parse_args(["train", "--data", "d"]))
     assert (plain.input_size, plain.rev, plain.budget, plain.channels) == ((176, 112, 112), False, None, 32)

@@ -25,6 +25,8 @@ from models.pose.registration import PoseLibrary
 from models.pose.train import PAPER_WIDTH, PRESETS, VARIANTS, TrainConfig, evaluate, load_checkpoint, make_dataset, train
 
 WIDTHS = {"unet3d": 32, "paper": PAPER_WIDTH}
+#: FetusMap §3: volumes downsampled 0.4x without GCP (0.5x with it: --preset fetusmap)
+FETUSMAP_SCALE_RATIO = 0.4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=4, help="number of poolings")
     p.add_argument("--convs", type=int, default=None, help="convolutions per block (default: the variant's)")
     p.add_argument("--scale-ratio", type=float, default=None,
-                   help="downsample each volume by this ratio instead of --input-size (FetusMap: 0.4, 0.5 with GCP)")
+                   help="downsample each volume by this ratio instead of --input-size (default for --variant "
+                        "fetusmap without --input-size: 0.4, its paper's; 0.5 with GCP)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this fraction of the cases; best.pt keeps the lowest validation error")
     p.add_argument("--rev", action="store_true", default=None, help="let memplan substitute reversible blocks")
@@ -67,7 +70,10 @@ def train_config(args) -> TrainConfig:
     explicit = {"variant": args.variant, "budget": args.budget, "rev": args.rev, "scale_ratio": args.scale_ratio}
     chosen = {**{k: v for k, v in preset.items()}, **{k: v for k, v in explicit.items() if v is not None}}
     input_size = args.input_size or preset.get("input_size", (176, 112, 112))
-    return TrainConfig(data=args.data, out=args.out, variant=chosen.get("variant", "v2"),
+    variant = chosen.get("variant", "v2")
+    if variant == "fetusmap" and args.input_size is None and "scale_ratio" not in chosen:
+        chosen["scale_ratio"] = FETUSMAP_SCALE_RATIO             # FetusMap downsamples volumes, it does not resize
+    return TrainConfig(data=args.data, out=args.out, variant=variant,
                        input_size=input_size, channels=args.channels or WIDTHS[args.width], depth=args.depth,
                        convs=args.convs, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                        budget=chosen.get("budget"), rev=bool(chosen.get("rev", False)), device=args.device,
