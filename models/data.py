@@ -35,17 +35,16 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from models.errors import DataError
+
 __all__ = ["DataError", "Case", "list_cases", "load_case", "load_landmarks_mm", "save_case", "resample_case",
-           "normalize_intensity", "parse_shape", "CaseDataset", "IMAGE_SUFFIX", "MASK_SUFFIX"]
+           "normalize_intensity", "parse_shape", "check_finite",
+           "isotropic_shape", "crop_or_pad", "CaseDataset", "IMAGE_SUFFIX", "MASK_SUFFIX"]
 
 IMAGE_SUFFIX = ".nii.gz"
 MASK_SUFFIX = "_mask.nii.gz"
 _READ_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error,
                 gzip.BadGzipFile)
-
-
-class DataError(ValueError):
-    """A case on disk is missing, corrupt or inconsistent; the message names the file and the fix."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,11 +111,30 @@ def _read_nifti(path: Path, dtype: type) -> tuple[np.ndarray, np.ndarray, tuple[
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}; save one channel per file")
+    check_finite(data, path)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise DataError(f"{path}: voxel spacing {spacing} mm is not positive; set the header zooms "
                         f"(img.header.set_zooms) to the voxel size in mm")
     return data.astype(dtype, copy=False), np.asarray(img.affine, dtype=np.float64), spacing
+
+
+def check_finite(data: np.ndarray, path: str | Path) -> None:
+    """Raise DataError naming ``path`` when ``data`` holds NaN or infinite values (they train to a NaN loss).
+
+    >>> check_finite(np.array([0.0, np.nan]), "a.nii.gz")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    models.errors.DataError: a.nii.gz: 1 of 2 voxels are not finite (NaN or inf; first at index (1,)); ...
+    """
+    if not np.issubdtype(data.dtype, np.floating):
+        return
+    bad = ~np.isfinite(data)
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(f"{path}: {count} of {data.size} voxels are not finite (NaN or inf; first at index {first}); "
+                        f"such a case trains to a NaN loss: replace them (e.g. numpy.nan_to_num) or remove the case")
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:
@@ -258,6 +276,44 @@ def resample_case(case: Case, shape: Sequence[int]) -> Case:
     affine = case.world_affine().copy()
     affine[:3, :3] = affine[:3, :3] / ratio[None, :]
     return replace(case, volume=volume, spacing_mm=spacing, mask=mask, landmarks=landmarks, affine=affine)
+
+
+def isotropic_shape(case: Case, spacing_mm: float) -> tuple[int, int, int]:
+    """The grid that gives ``case`` voxels of ``spacing_mm`` (corner-aligned: (n - 1) s / target + 1 per axis).
+
+    >>> isotropic_shape(Case("a", np.zeros((33, 17, 9), np.float32), (1.3, 2.6, 1.3)), 1.3)
+    (33, 33, 9)
+    """
+    if not spacing_mm > 0:
+        raise DataError(f"target spacing must be positive mm, got {spacing_mm}")
+    return tuple(int(max(2, round((n - 1) * s / spacing_mm) + 1)) for n, s in zip(case.shape, case.spacing_mm))
+
+
+def crop_or_pad(case: Case, shape: Sequence[int], *, center: Sequence[float] | None = None) -> Case:
+    """``case`` cut to ``shape`` around ``center`` (voxel; default the volume centre): axes that are too
+    long are cropped, too short zero-padded (mask 0); landmarks and affine shift with the origin.
+
+    >>> c = crop_or_pad(Case("a", np.ones((6, 2, 4), np.float32), (1, 1, 1), landmarks={"p": np.array([3., 1, 1])}),
+    ...                 (4, 4, 4))
+    >>> c.shape, c.landmarks["p"].tolist(), float(c.volume[:, 0].sum())
+    ((4, 4, 4), [2.0, 2.0, 1.0], 0.0)
+    """
+    out = parse_shape(shape)
+    middle = (np.asarray(case.shape, float) - 1) / 2 if center is None else np.asarray(center, float)
+    start = [int(round(m - (o - 1) / 2)) for m, o in zip(middle, out)]     # new voxel 0 sits at old ``start``
+    start = [min(max(st, min(0, n - o)), max(0, n - o)) for st, n, o in zip(start, case.shape, out)]
+    volume = np.zeros(out, dtype=np.float32)
+    mask = None if case.mask is None else np.zeros(out, dtype=case.mask.dtype)
+    src = tuple(slice(max(st, 0), min(st + o, n)) for st, n, o in zip(start, case.shape, out))
+    dst = tuple(slice(max(-st, 0), max(-st, 0) + (sl.stop - sl.start)) for st, sl in zip(start, src))
+    volume[dst] = case.volume[src]
+    if mask is not None:
+        mask[dst] = case.mask[src]
+    shift = np.asarray(start, dtype=np.float64)
+    affine = case.world_affine().copy()
+    affine[:3, 3] += affine[:3, :3] @ shift
+    return replace(case, volume=volume, mask=mask, affine=affine,
+                   landmarks={n: np.asarray(v, dtype=np.float64) - shift for n, v in case.landmarks.items()})
 
 
 def normalize_intensity(volume: np.ndarray) -> np.ndarray:

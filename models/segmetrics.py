@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
-    "EmptyMaskError", "SegMetrics", "dice", "jaccard", "conformity", "surface_voxels",
+    "bland_altman", "EmptyMaskError", "SegMetrics", "dice", "jaccard", "conformity", "surface_voxels",
     "surface_distances_mm", "average_surface_distance_mm", "hausdorff_mm", "volume_ml",
     "volume_error_ml", "segmentation_metrics",
 ]
@@ -183,6 +183,26 @@ def volume_error_ml(pred, truth, spacing_mm: Sequence[float], *, signed: bool = 
     pred_b, truth_b = _as_pair(pred, truth)
     diff = volume_ml(pred_b, spacing_mm) - volume_ml(truth_b, spacing_mm)
     return diff if signed else abs(diff)
+
+
+def bland_altman(measured: Sequence[float], reference: Sequence[float]) -> tuple[float, float, float]:
+    """(Pearson r, bias, 1.96 SD) of ``measured`` vs ``reference`` over cases (head paper §4.3, Fig. 8:
+    r = 0.990, -1.6 +- 19.5 mL). r is NaN when either side is constant or there are < 2 cases.
+
+    >>> r, bias, loa = bland_altman([11.0, 19.0, 32.0], [10.0, 20.0, 30.0])
+    >>> round(r, 4), round(bias, 4), round(loa, 4)
+    (0.9907, 0.6667, 2.9939)
+    """
+    m, ref = np.asarray(measured, float), np.asarray(reference, float)
+    if m.shape != ref.shape or m.ndim != 1:
+        raise ValueError(f"need two equal-length 1D sequences of volumes, got shapes {m.shape} and {ref.shape}")
+    diff = m - ref
+    if len(m) < 2 or m.std() == 0 or ref.std() == 0:
+        r = float("nan")
+    else:
+        r = float(np.corrcoef(m, ref)[0, 1])
+    sd = float(diff.std(ddof=1)) if len(m) > 1 else float("nan")
+    return r, float(diff.mean()), 1.96 * sd
 
 
 def segmentation_metrics(pred, truth, spacing_mm: Sequence[float]) -> SegMetrics:

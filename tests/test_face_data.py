@@ -43,13 +43,33 @@ def test_landmarks_sit_on_their_image_features(seed):
 
 def test_written_cases_read_back_with_their_landmarks(tmp_path):
     generate_cases("face", tmp_path, count=2, seed=3, shape=(32, 32, 32))
-    ds = FaceDataset(tmp_path, (32, 32, 32))
+    ds = FaceDataset(tmp_path, (32, 32, 32), spacing_mm=None)
     sample = ds[1]
     expected = generate(np.random.default_rng([3, 1]), (32, 32, 32))
     assert sample["image"].shape == (1, 32, 32, 32)
     assert torch.allclose(sample["landmarks"].double(),
                           torch.tensor(np.stack([expected.landmarks[n] for n in LANDMARKS])), atol=1e-5)
     assert sample["spacing_mm"].tolist() == pytest.approx([FOV_MM / 32] * 3)
+
+
+def test_volumes_are_resampled_to_the_papers_1_3_mm_so_boxes_have_its_size(tmp_path):
+    """A 32^3 phantom has 2.6 mm voxels: at 1.3 mm it is a 63^3 grid (31 * 2.6 / 1.3 + 1), padded to 64^3,
+    landmarks doubled; the paper's 14-voxel eye box is then 18.2 mm, not 36.4 mm."""
+    from models.face.anchors import target_boxes
+    from models.face.dataset import box_scale_for
+    generate_cases("face", tmp_path, count=1, seed=3, shape=(32, 32, 32))
+    expected = generate(np.random.default_rng([3, 0]), (32, 32, 32))
+    assert expected.spacing_mm[0] == pytest.approx(2.6)
+    ds = FaceDataset(tmp_path, (64, 64, 64))
+    sample = ds[0]
+    assert sample["spacing_mm"].tolist() == pytest.approx([1.3] * 3)
+    assert ds.case(0).shape == (64, 64, 64) and float(np.abs(ds.case(0).volume[63]).max()) == 0.0   # padded row
+    truth = np.stack([expected.landmarks[n] for n in LANDMARKS]) * 2
+    np.testing.assert_allclose(sample["landmarks"].numpy(), truth, atol=1e-4)
+    eye = target_boxes(sample["landmarks"], box_scale_for(1.3))[0]
+    assert float(eye[3]) * 1.3 == pytest.approx(18.2)
+    cropped = FaceDataset(tmp_path, (48, 48, 48))[0]                # centred crop: origin moves by 8 voxels
+    np.testing.assert_allclose(cropped["landmarks"].numpy(), truth - 8, atol=1e-4)
 
 
 def test_flip_moves_image_and_swaps_eye_labels():

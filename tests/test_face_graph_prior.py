@@ -120,11 +120,14 @@ def test_prior_mostly_rejects_near_outliers():
     assert hits >= 85
 
 
-def test_top_candidates_suppresses_overlapping_boxes():
+def test_top_candidates_raw_as_the_paper_or_with_nms():
     boxes = torch.tensor([[10.0, 10, 10, 14, 14, 14], [11.0, 10, 10, 14, 14, 14], [40.0, 10, 10, 14, 14, 14],
                           [70.0, 10, 10, 14, 14, 14]])
     probs = torch.tensor([[0.1, 0.9], [0.1, 0.8], [0.3, 0.7], [0.9, 0.1]])
-    c = top_candidates(probs, boxes, top=2)
+    raw = top_candidates(probs, boxes, top=2)                     # the paper: the two best, overlapping or not
+    assert raw.boxes[0, :, 0].tolist() == [10.0, 11.0]
+    assert raw.scores[0].tolist() == pytest.approx([0.9, 0.8])
+    c = top_candidates(probs, boxes, top=2, suppress_iou=0.1)     # IoU(box 0, box 1) = 13/15 > 0.1: skipped
     assert c.boxes[0, :, 0].tolist() == [10.0, 40.0]
     assert c.scores[0].tolist() == pytest.approx([0.9, 0.7])
 

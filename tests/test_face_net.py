@@ -12,7 +12,9 @@ def test_head_shapes_and_stride():
     net = FaceRPN(**tiny_config())
     cls, reg = net(torch.randn(2, 1, 16, 24, 32))
     assert cls.shape == (2, 64 * 6, 4, 6, 8) and reg.shape == (2, 64 * 6, 4, 6, 8)
-    assert 16 // FEATURE_STRIDE == 4
+    # FEATURE_STRIDE (what make_anchors uses) must be the network's real stride on every axis
+    assert tuple(n // FEATURE_STRIDE for n in (16, 24, 32)) == tuple(cls.shape[2:])
+    assert FaceRPN(**tiny_config())(torch.zeros(1, 1, 40, 8, 16))[0].shape[2:] == (40 // FEATURE_STRIDE, 2, 4)
 
 
 def test_block4_is_upsampled_and_concatenated_with_block3():

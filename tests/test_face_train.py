@@ -25,9 +25,9 @@ def phantoms(tmp_path_factory):
 
 def test_tiny_config_trains_with_loss_falling(phantoms, tmp_path):
     torch.set_num_threads(1)
-    config = TrainConfig(data=str(phantoms), out=str(tmp_path), input_size=SIZE, epochs=12, lr=3e-3, box_scale=0.5,
-                         augment=False, anchor_batch=128, **TINY)
-    model, history = train(config, progress=False)
+    config = TrainConfig(data=str(phantoms), out=str(tmp_path), input_size=SIZE, epochs=12, lr=3e-3, spacing_mm=2.6,
+                         augment=False, anchor_batch=128, progress=False, **TINY)
+    model, history = train(config)
     assert len(history) == 12
     assert history[-1] < 0.7 * history[0], history
     # the checkpoint is the original model's state_dict: it loads strictly into a fresh FaceRPN
@@ -82,9 +82,10 @@ def test_compiled_and_plain_gradients_equal(budget_kind):
 def test_command_line_train_and_evaluate(phantoms, tmp_path, capsys):
     run = tmp_path / "run"
     code = main(["train", "--data", str(phantoms), "--out", str(run), "--input-size", "32,32,32", "--epochs", "1",
-                 "--channels", "4,8,8,8", "--fuse-channels", "8", "--rpn-channels", "8", "--box-scale", "0.5",
+                 "--channels", "4,8,8,8", "--fuse-channels", "8", "--rpn-channels", "8", "--spacing-mm", "2.6",
                  "--budget", "1GB", "--no-augment"])
-    assert code == 0 and (run / "face.pt").is_file() and (run / "graph_prior.json").is_file()
+    assert code == 0 and (run / "last.pt").is_file() and (run / "graph_prior.json").is_file()
+    assert "memplan: vanilla peak" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(phantoms)]) == 0
     assert "AP50" in capsys.readouterr().out
 
@@ -93,4 +94,20 @@ def test_command_line_errors(phantoms, tmp_path, capsys):
     assert main(["train", "--data", str(phantoms), "--out", str(tmp_path), "--input-size", "30,32,32"]) == 2
     assert "divisible by 8" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope"), "--data", str(phantoms)]) == 2
-    assert "no face checkpoint" in capsys.readouterr().err
+    assert "does not exist; train one with `python -m models.face train" in capsys.readouterr().err
+
+
+def test_memplan_plans_with_the_rpn_loss(phantoms, monkeypatch):
+    """The planning loss flattens the head maps as rpn_loss does: its backward holds the same buffers."""
+    from models.face.train import planning_loss
+    torch.manual_seed(0)
+    model = FaceRPN(**tiny_config())
+    example = torch.empty(1, 1, *SIZE, device="meta")
+    real = memplan.simulate_step(model, example, loss_fn=planning_loss(model.num_anchors), scratch="none").peak_bytes
+    summed = memplan.simulate_step(model, example, scratch="none").peak_bytes
+    # flatten_head copies both (1, 384, 8, 8, 8) maps (permute + reshape) and their gradients exist at full size:
+    # at least 2 maps x 196,608 floats more than summing the raw maps
+    assert real - summed >= 2 * 384 * 8 ** 3 * 4
+    scores, deltas = flatten_head(*model(torch.randn(1, 1, *SIZE)), model.num_anchors)
+    value = planning_loss(model.num_anchors, 8)(model(torch.randn(1, 1, *SIZE)))
+    assert value.ndim == 0 and torch.isfinite(value)

@@ -5,7 +5,9 @@ import torch
 from scipy import ndimage
 
 from models.data import Case, load_case
-from models.femur.dataset import FemurDataset, RoiSliceDataset, crop_case, gaussian_heatmaps, mask_box
+from models.augment import AugmentConfig
+from models.femur.dataset import (PAPER_ROI_SCALE, FemurDataset, RoiSliceDataset, crop_case, femur_augmentation,
+                                  gaussian_heatmaps, mask_box)
 from models.femur.roi import Box3D
 from tools.phantom import generate_cases
 from tools.phantoms import femur
@@ -93,16 +95,44 @@ def test_dataset_samples_match_their_landmarks(tmp_path):
     length_patch = float(torch.linalg.norm((s["landmarks"][1] - s["landmarks"][0]) * s["spacing_mm"]))
     assert length_patch == pytest.approx(length_full, rel=1e-5)
     # flips keep image, labels, heatmaps and landmarks consistent
-    torch.manual_seed(1)
-    flipped = FemurDataset(tmp_path, (16, 16, 24), roi_margin_vox=3, sigma_vox=1.5, flip=True)
+    flipped = FemurDataset(tmp_path, (16, 16, 24), roi_margin_vox=3, sigma_vox=1.5,
+                           augment=AugmentConfig(flip_axes=(1, 2)), seed=1)
     for _ in range(3):
         f = flipped[1]
         for k in range(2):
             peak = np.unravel_index(int(f["heatmaps"][k].argmax()), (16, 16, 24))
             assert np.abs(np.array(peak) - f["landmarks"][k].numpy()).max() <= 0.5
         assert int(f["labels"].sum()) == int(s["labels"].sum())
+    # the paper's scaling and rotation: targets still sit on the moved landmarks, the mask moves along
+    moved = FemurDataset(tmp_path, (16, 16, 24), roi_margin_vox=3, sigma_vox=1.5, augment=femur_augmentation(), seed=2)
+    for _ in range(3):
+        f = moved[1]
+        for k in range(2):
+            p = f["landmarks"][k].numpy()
+            if np.all(p >= 0) and np.all(p <= np.array([15, 15, 23])):
+                peak = np.unravel_index(int(f["heatmaps"][k].argmax()), (16, 16, 24))
+                assert np.abs(np.array(peak) - p).max() <= 0.5
+        assert 0.6 < int(f["labels"].sum()) / int(s["labels"].sum()) < 1.6
     slices = RoiSliceDataset(tmp_path, (16, 16, 16))
     assert len(slices) == 32 and slices[5][0].shape == (1, 16, 16)
+
+
+def test_rois_are_rescaled_by_0_65_keeping_their_aspect_and_smaller_than_the_volume(tmp_path):
+    """§3: "the femur ROI is rescaled as 0.65 times"; the phantoms' ROIs are a part of their volume."""
+    generate_cases("femur", tmp_path, count=3, seed=4, shape=(64, 64, 48))
+    data = FemurDataset(tmp_path, roi_scale=PAPER_ROI_SCALE, roi_margin_vox=4)
+    shapes = []
+    for i, cid in enumerate(data.case_ids):
+        full = load_case(tmp_path, cid)
+        box = mask_box(full.mask, 4)
+        roi_shape = tuple(b - a for a, b in zip(box.start, box.stop))
+        assert np.prod(roi_shape) < 0.75 * np.prod(full.shape)                 # smaller than the volume
+        case = data.case(i)
+        assert case.shape == tuple(max(2, round(n * 0.65)) for n in roi_shape)  # uniform 0.65, not a fixed cube
+        shapes.append(case.shape)
+    assert data.input_size == tuple(-(-max(s[k] for s in shapes) // 8) * 8 for k in range(3))
+    s = data[0]
+    assert s["image"].shape[1:] == data.input_size and s["labels"][shapes[0][0]:].sum() == 0    # zero padding
 
 
 def test_dataset_errors_name_the_file(tmp_path):

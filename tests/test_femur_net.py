@@ -100,3 +100,44 @@ def test_discriminator_layout_and_any_input_size():
         PairDiscriminator(3, 4, channels=(2, 2))
     with pytest.raises(ValueError, match=r"branch_epochs=-1"):
         AdversarialSchedule(-1, 2)
+
+
+def test_without_cross_connections_the_branches_share_only_the_encoder():
+    """BRN / BRND: the segmentation output does not depend on the localization branch, nor back."""
+    torch.manual_seed(0)
+    net = BranchedFemurNet(3, 1, 2, channels=(2, 4, 4, 8), cross=False).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    seg, h1, h2 = net(x)
+    with torch.no_grad():
+        for p in net.loc_enc2.parameters():      # change the localization branch only
+            p.add_(1.0)
+        seg2, h1b, _ = net(x)
+    assert torch.equal(seg, seg2) and not torch.equal(h1, h1b)
+    with_cross = BranchedFemurNet(3, 1, 2, channels=(2, 4, 4, 8)).eval()
+    assert with_cross.loc_bottom[0][0].in_channels == 2 * 4 and net.loc_bottom[0][0].in_channels == 4
+    from models.blocks import count_parameters
+    assert count_parameters(with_cross) > count_parameters(net)
+
+
+def test_unet_s_and_unet_l_are_the_two_branches_of_brn():
+    """Unet-S / Unet-L: "the same encoder, decoder and skip connections as the segmentation / localization
+    branch of BRN": their parameters add up to BRN's plus one shared encoder."""
+    from models.blocks import count_parameters
+    widths = (2, 4, 4, 8)
+    brn = BranchedFemurNet(3, 1, 2, channels=widths, cross=False)
+    seg = BranchedFemurNet(3, 1, 2, channels=widths, cross=False, branches="seg")
+    loc = BranchedFemurNet(3, 1, 2, channels=widths, cross=False, branches="loc")
+    encoder = count_parameters(brn.stem) + count_parameters(brn.enc1)
+    assert count_parameters(seg) + count_parameters(loc) == count_parameters(brn) + encoder
+    x = torch.randn(1, 1, 16, 16, 16)
+    (probs,) = seg(x)
+    h1, h2 = loc(x)
+    assert probs.shape == (1, 2, 16, 16, 16) and h1.shape == h2.shape == (1, 1, 16, 16, 16)
+    # with BRN's weights, each baseline computes exactly BRN's corresponding outputs (no cross connections)
+    seg.load_state_dict({k: v for k, v in brn.state_dict().items() if k in seg.state_dict()})
+    loc.load_state_dict({k: v for k, v in brn.state_dict().items() if k in loc.state_dict()})
+    brn.eval(), seg.eval(), loc.eval()
+    full = brn(x)
+    assert torch.allclose(seg(x)[0], full[0], atol=1e-6) and torch.allclose(loc(x)[1], full[2], atol=1e-6)
+    with pytest.raises(ValueError, match="no cross connections"):
+        BranchedFemurNet(3, 1, 2, channels=widths, branches="seg")

@@ -83,3 +83,33 @@ def test_config_validation():
         HeadNetConfig(channels=(4, 8, 8))
     with pytest.raises(ValueError, match="out_channels counts classes.*got 1"):
         USegNetHAS(3, 1, 1)
+
+
+def test_ablation_switches_remove_what_they_name():
+    """USegNet-DS (no attention), USegNet-HAS without DS, and one module type at a time (Table 2 rows)."""
+    def count(net, kind):
+        return sum(1 for m in net.modules() if type(m).__name__ == kind)
+    cfg = TINY_CONFIG
+    full = USegNetHAS.from_config(cfg)
+    assert count(full, "AttentionModule") == 6 and len(full(torch.zeros(1, 1, 16, 16, 16))) == 3
+    no_ds = USegNetHAS.from_config(HeadNetConfig(**{**cfg.__dict__, "deep_supervision": False}))
+    outs = no_ds(torch.zeros(1, 1, 16, 16, 16))
+    assert len(outs) == 1 and outs[0].shape == (1, 2, 16, 16, 16) and len(no_ds.heads) == 1
+    no_sam = USegNetHAS.from_config(HeadNetConfig(**{**cfg.__dict__, "sam": False}))
+    assert count(no_sam, "AttentionModule") == 3
+    # without SAM a skip enters raw: UAM i reads channels[i] (up) + channels[i] (skip)
+    assert no_sam.uams[0].project.in_channels == 4 + 4 and full.uams[0].project.in_channels == 4 + 8
+    plain = USegNetHAS.from_config(HeadNetConfig(**{**cfg.__dict__, "sam": False, "uam": False}))
+    assert count(plain, "AttentionModule") == 0
+    assert [o.shape for o in plain(torch.zeros(1, 1, 16, 16, 16))] == [o.shape for o in full(torch.zeros(1, 1, 16, 16, 16))]
+
+
+def test_convs_start_from_a_truncated_normal():
+    torch.manual_seed(0)
+    net = USegNetHAS.from_config(PAPER_CONFIG)
+    conv = net.encoders[2][0][0]                       # a 5x5x5 conv, 64 in-channels: He std sqrt(2 / (64 * 125))
+    std = (2 / (64 * 125)) ** 0.5
+    w = conv.weight.detach()
+    assert float(w.abs().max()) <= 2 * std + 1e-9
+    # a N(0, s) truncated at 2s has std 0.8796 s
+    assert float(w.std()) == pytest.approx(0.8796 * std, rel=0.02)

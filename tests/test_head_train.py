@@ -10,7 +10,7 @@ import memplan
 from models.head.__main__ import main
 from models.head.losses import DeepSupervisionLoss
 from models.head.net import TINY_CONFIG, USegNetHAS
-from models.head.train import TrainConfig, checkpoint_path, train
+from models.head.train import TrainConfig, train
 from tools.phantom import generate_cases
 
 
@@ -86,27 +86,56 @@ def test_tiny_config_trains_with_loss_falling(phantom_dir, tmp_path):
         assert len(r.epoch_losses) == 6
         assert r.epoch_losses[-1] < 0.8 * r.epoch_losses[0], r.epoch_losses
         assert max(r.epoch_losses[1:]) < r.epoch_losses[0], r.epoch_losses
-    state = torch.load(checkpoint_path(tmp_path, 2), weights_only=True)
+    assert results[0].checkpoint == results[1].checkpoint == tmp_path / "last.pt"
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
     fresh = USegNetHAS.from_config(TINY_CONFIG)
-    fresh.load_state_dict(state["state_dict"])  # the original model's keys, not the compiled module's
-    assert state["level"] == 2 and state["input_size"] == [16, 16, 16]
+    fresh.load_state_dict(state["models"]["level2"])  # the original model's keys, not the compiled module's
+    assert sorted(state["models"]) == ["level1", "level2"] and state["extra"]["input_size"] == [16, 16, 16]
+    assert [h for h in state["history"]] == [list(r.epoch_losses) for r in results]
+    assert all(memplan.Plan.from_json(state["plans"][k]).segments for k in ("level1", "level2"))
 
 
 def test_cli_train_then_evaluate(phantom_dir, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     assert main(["train", "--data", str(phantom_dir), "--out", str(ckpt), "--input-size", "16,16,16",
                  "--epochs", "1", "--levels", "2", "--tiny", "--budget", "1GB", "--seed", "1"]) == 0
-    assert main(["evaluate", "--data", str(phantom_dir), "--checkpoints", str(ckpt)]) == 0
+    captured = capsys.readouterr()
+    assert "memplan: vanilla peak" in captured.err and "level 2: loss" in captured.out
+    assert main(["evaluate", "--data", str(phantom_dir), "--checkpoint", str(ckpt)]) == 0
     report = json.loads((ckpt / "metrics.json").read_text())
     assert len(report["mean_per_level"]) == 2 and sorted(report["cases"]) == ["head_0000", "head_0001"]
     for level in report["cases"]["head_0000"]:
         assert 0.0 <= level["dsc"] <= 1.0 and level["jaccard"] <= level["dsc"]
-    assert "level 2" in capsys.readouterr().out
+    assert "volume r" in capsys.readouterr().out
+    # the volume agreement of the report is the case volumes' own (recomputed here from the per-case errors)
+    from models.data import load_case
+    from models.segmetrics import bland_altman, volume_ml
+    true = [volume_ml(load_case(phantom_dir, c).mask > 0, load_case(phantom_dir, c).spacing_mm)
+            for c in ("head_0000", "head_0001")]
+    for k, agree in enumerate(report["volume_agreement_per_level"]):
+        pred = [t + report["cases"][c][k]["volume_error_ml"] for t, c in zip(true, ("head_0000", "head_0001"))]
+        expected = bland_altman(pred, true)
+        assert agree["bias_ml"] == pytest.approx(expected[1]) and agree["loa_ml"] == pytest.approx(expected[2])
 
 
 def test_cli_errors_name_the_fix(phantom_dir, tmp_path, capsys):
-    assert main(["evaluate", "--data", str(tmp_path), "--checkpoints", str(tmp_path / "none")]) == 2
-    assert "level1.pt: no such file; train first" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(tmp_path), "--checkpoint", str(tmp_path / "none")]) == 2
+    assert "does not exist; train one with `python -m models.head train" in capsys.readouterr().err
     assert main(["train", "--data", str(phantom_dir), "--out", str(tmp_path), "--input-size", "20,16,16",
                  "--tiny"]) == 2
     assert "(20, 16, 16) must have 3 sizes, each a multiple of 8" in capsys.readouterr().err
+
+
+def test_defaults_are_the_papers_and_the_plan_uses_eq2():
+    """§3: 0.4x volumes, Adam lr 1e-5, moment 0.5, 30 epochs per level, 2 levels; memplan plans with Eq. 2."""
+    from models.head.net import PAPER_INPUT_SIZE
+    from models.head.train import planning_loss
+    config = TrainConfig(data_dir="x")
+    assert (config.input_size, config.lr, config.betas[0], config.epochs, config.levels) == \
+        (PAPER_INPUT_SIZE, 1e-5, 0.5, 30, 2)
+    assert PAPER_INPUT_SIZE == tuple(round(0.4 * n / 8) * 8 for n in (388, 258, 440))
+    outputs = (torch.randn(1, 2, 8, 8, 8), torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 2, 2, 2))
+    zeros = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    assert float(planning_loss((1.0, 1.0))(outputs)) == pytest.approx(float(DeepSupervisionLoss()(outputs, zeros)))
+    no_ds = TrainConfig(data_dir="x", net=TINY_CONFIG.__class__(**{**TINY_CONFIG.__dict__, "deep_supervision": False}))
+    assert no_ds.resolved_aux_weights == ()

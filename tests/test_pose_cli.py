@@ -1,12 +1,14 @@
 """python -m models.pose train | evaluate | refine, end to end on phantoms (tiny sizes)."""
 import re
+import warnings
 
 import pytest
 import torch
 
 import memplan
 from models.pose.__main__ import main
-from models.pose.train import build_model, load_checkpoint
+from models.pose.losses import FetusMapV2Loss
+from models.pose.train import build_model, load_checkpoint, planning_loss
 from tools.phantom import generate_cases
 
 TINY = ["--input-size", "32,32,32", "--channels", "4", "--depth", "2"]
@@ -36,7 +38,7 @@ def test_train_evaluate_refine(dirs, capsys):
     assert "before SSL" in text and "after SSL" in text and re.search(r"mean ED \d+\.\d+ -> \d+\.\d+ mm", text)
 
 
-def test_rev_and_budget_reach_memplan(dirs, monkeypatch, capsys):
+def test_rev_budget_and_the_real_loss_reach_memplan(dirs, monkeypatch, capsys):
     seen = {}
     real = memplan.compile
 
@@ -47,28 +49,82 @@ def test_rev_and_budget_reach_memplan(dirs, monkeypatch, capsys):
     monkeypatch.setattr(memplan, "compile", spy)
     assert main(["train", "--data", str(dirs / "train"), "--out", str(dirs / "rev"), "--epochs", "1",
                  "--budget", "2GB", "--rev", "--batch-size", "2", *TINY]) == 0
-    assert seen == {"budget": "2GB", "optimizer": "adam", "rev": True, "shape": (2, 1, 32, 32, 32), "device": "meta"}
+    loss_fn = seen.pop("loss_fn")
+    assert seen == {"budget": "2GB", "optimizer": "adam", "rev": True, "shape": (2, 1, 32, 32, 32), "device": "meta",
+                    "scratch": "cpu"}
+    out = torch.randn(2, 22, 4, 4, 4)                     # memplan plans with Eq. 8 itself, not a sum of outputs
+    assert float(loss_fn(out)) == pytest.approx(float(FetusMapV2Loss()(out, torch.zeros_like(out))))
+    assert float(loss_fn(out)) != pytest.approx(float(out.sum()))
     state = torch.load(dirs / "rev" / "last.pt", weights_only=False)
-    assert "compiled_state" in state and state["config"]["rev"] is True
+    assert "detector" in state["compiled"] and state["config"]["rev"] is True
+    assert memplan.Plan.from_json(state["plans"]["detector"]).segments
 
 
+@pytest.mark.slow
 def test_real_rev_training_reloads_the_trained_substituted_network(dirs):
     """REV substitution by memplan itself: the checkpoint rebuilds the REV network with its trained weights."""
     with pytest.warns(UserWarning, match="REV substitution changed the network"):
         assert main(["train", "--data", str(dirs / "train"), "--out", str(dirs / "rev_real"), "--epochs", "1",
                      "--rev", *TINY]) == 0
     state = torch.load(dirs / "rev_real" / "last.pt", weights_only=False)
-    with pytest.warns(UserWarning, match="REV substitution"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # the trained REV weights load: no "fresh weights" warning
         loaded, config = load_checkpoint(dirs / "rev_real" / "last.pt")
     assert config.rev
     got = loaded.state_dict()
-    assert got.keys() == state["compiled_state"].keys()
-    assert all(torch.equal(got[k], v) for k, v in state["compiled_state"].items())
+    assert got.keys() == state["compiled"]["detector"].keys()
+    assert all(torch.equal(got[k], v) for k, v in state["compiled"]["detector"].items())
     plain = build_model("v2", channels=4, depth=2)
-    plain.load_state_dict(state["model"])
+    plain.load_state_dict(state["models"]["detector"])
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert not torch.allclose(loaded(x), plain(x))        # the REV blocks are in use, with their own weights
+    # the full FetusMapV2 pipeline: the GCP+REV detector, then SSL on it (it used to crash on the REV module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["refine", "--checkpoint", str(dirs / "rev_real"), "--data", str(dirs / "test"), "--library",
+                     str(dirs / "train"), "--iterations", "2", "--k", "4"]) == 0
+
+
+def test_plan_summary_and_per_step_progress_go_to_stderr(dirs, capsys):
+    assert main(["train", "--data", str(dirs / "train"), "--out", str(dirs / "p"), "--epochs", "2", *TINY]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("memplan:"))
+    assert re.search(r"vanilla peak [\d.]+ [KMG]iB, planned peak [\d.]+ [KMG]iB \(\d+% of vanilla, simulated\), "
+                     r"recompute [\d.]+% of forward FLOPs; budget none", line)
+    assert "16/16" in err and "epoch 2/2" in err                 # 8 cases x 2 epochs, one update per case
+
+
+@pytest.mark.slow
+def test_cuda_without_a_gpu_and_an_infeasible_budget_exit_like_memplan(dirs, capsys):
+    if not torch.cuda.is_available():
+        assert main(["train", "--data", str(dirs / "train"), "--device", "cuda", *TINY]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "no CUDA GPU is visible" in err and "--device cpu" in err
+    assert main(["train", "--data", str(dirs / "train"), "--out", str(dirs / "b"), "--budget", "1MB", *TINY]) == 3
+    err = capsys.readouterr().err
+    smallest = int(re.search(r"smallest feasible peak .* = (\d+) bytes", err).group(1))
+    plan = memplan.plan(build_model("v2", channels=4, depth=2), torch.empty(1, 1, 32, 32, 32, device="meta"),
+                        loss_fn=planning_loss("v2"), scratch="cpu")
+    assert smallest == plan.simulated_peak_bytes > 10 ** 6
+    assert not (dirs / "b" / "last.pt").exists()
+
+
+def test_a_nan_voxel_is_refused_naming_the_case(dirs, tmp_path, capsys):
+    import shutil
+    import nibabel as nib
+    import numpy as np
+    bad = tmp_path / "bad"
+    shutil.copytree(dirs / "train", bad)
+    path = bad / "pose_0003.nii.gz"
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[5, 6, 7] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(path))
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "pose_0003.nii.gz: 1 of 32768 voxels are not finite" in err and "(5, 6, 7)" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_errors_are_messages_not_tracebacks(dirs, capsys):
@@ -79,3 +135,23 @@ def test_errors_are_messages_not_tracebacks(dirs, capsys):
     assert "not divisible by 2**depth = 4" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(dirs / "nope.pt"), "--data", str(dirs / "test")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_presets_fill_the_papers_setups_and_flags_win():
+    from models.pose.__main__ import build_parser, train_config
+    v2 = train_config(build_parser().parse_args(["train", "--data", "d", "--preset", "fetusmapv2"]))
+    assert (v2.variant, v2.input_size, v2.rev, v2.budget, v2.resolved_lr, v2.resolved_epochs) == \
+        ("v2", (208, 128, 144), True, "8GB", 1e-4, 100)
+    fm = train_config(build_parser().parse_args(["train", "--data", "d", "--preset", "fetusmap", "--width", "paper"]))
+    assert (fm.variant, fm.scale_ratio, fm.budget, fm.channels, fm.resolved_lr, fm.resolved_epochs) == \
+        ("fetusmap", 0.5, "12GB", 41, 1e-3, 20)
+    mine = train_config(build_parser().parse_args(["train", "--data", "d", "--preset", "fetusmapv2", "--budget", "6GB",
+                                               "--input-size", "192,112,128", "--lr", "3e-4"]))
+    assert (mine.budget, mine.input_size, mine.rev, mine.resolved_lr) == ("6GB", (192, 112, 128), True, 3e-4)
+    fm_plain = train_config(build_parser().parse_args(["train", "--data", "d", "--variant", "fetusmap"]))
+    assert fm_plain.scale_ratio == 0.4                       # FetusMap's Land-R4: volumes downsampled 0.4x
+    fm_sized = train_config(build_parser().parse_args(["train", "--data", "d", "--variant", "fetusmap",
+                                                       "--input-size", "64,64,64"]))
+    assert fm_sized.scale_ratio is None and fm_sized.input_size == (64, 64, 64)
+    plain = train_config(build_parser().parse_args(["train", "--data", "d"]))
+    assert (plain.input_size, plain.rev, plain.budget, plain.channels) == ((176, 112, 112), False, None, 32)

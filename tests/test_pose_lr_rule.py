@@ -75,3 +75,37 @@ def test_phantom_poses_obey_the_rule():
         scrambled = p.copy()
         scrambled[L_ARM], scrambled[R_ARM] = p[R_ARM], p[L_ARM]
         np.testing.assert_array_equal(assign_sides(scrambled), p)
+
+
+def test_eq7_in_world_coordinates_keeps_a_perfect_prediction_on_a_mirrored_grid(tmp_path):
+    """A NIfTI whose affine mirrors (det < 0) stores a mirror-image fetus in voxel space: Eq. 7 read on
+    voxels swaps the sides of a perfect prediction, read in world coordinates it keeps them."""
+    import torch
+    from models.pose.dataset import PoseDataset
+    from models.pose.heatmaps import gaussian_heatmaps
+    from models.pose.train import predict_landmarks
+    from tools.phantom import generate_cases
+    generate_cases("pose", tmp_path, count=2, seed=4, shape=(32, 32, 32), mirrored="odd")
+    ds = PoseDataset(tmp_path, (32, 32, 32))
+    for index, mirrored in ((0, False), (1, True)):
+        s = ds[index]
+        assert (np.linalg.det(s["affine"].numpy()[:3, :3]) < 0) == mirrored
+        truth = s["landmarks_vox"].numpy().astype(float)
+        perfect = lambda image: gaussian_heatmaps(torch.from_numpy(truth), (32, 32, 32))[None]   # noqa: E731
+        world = predict_landmarks(perfect, s["image"][None], "v2", s["affine"].numpy())[0]
+        voxel = predict_landmarks(perfect, s["image"][None], "v2")[0]
+        np.testing.assert_allclose(world, np.round(truth))
+        swapped = not np.allclose(voxel, np.round(truth))
+        assert swapped == mirrored
+        if mirrored:                                 # exactly the two limb pairs changed places
+            np.testing.assert_allclose(voxel[L_ARM], np.round(truth)[R_ARM])
+            np.testing.assert_allclose(voxel[L_LEG], np.round(truth)[R_LEG])
+
+
+def test_assign_sides_with_one_affine_per_sample():
+    p = _constructed_pose()
+    mirror = np.diag([-1.0, 1.0, 1.0, 1.0])
+    batch = np.stack([p, p])
+    out = assign_sides(batch, frame=np.stack([np.eye(4), mirror]))
+    np.testing.assert_array_equal(out[0], p)
+    np.testing.assert_array_equal(out[1][L_ARM], p[R_ARM])       # read through a mirror, the sides swap

@@ -99,3 +99,15 @@ def test_bad_ssl_config():
         dataclasses.replace(V2_SSL, proxy="nope")
     with pytest.raises(ValueError, match="iterations >= 1"):
         dataclasses.replace(V2_SSL, iterations=0)
+
+
+@pytest.mark.parametrize("config", [V2_SSL, FETUSMAP_SSL], ids=["v2", "fetusmap"])
+def test_memplan_plans_refinement_with_the_ssl_loss(config):
+    from models.pose.refine import ssl_planning_loss, ssl_v2_loss
+    torch.manual_seed(0)
+    out = torch.randn(1, len(config.landmarks), 4, 4, 4)
+    channels = list(config.landmarks.channels(*config.targets))
+    zeros = torch.zeros(1, len(channels), 4, 4, 4)
+    expected = ssl_v2_loss(out[:, channels], zeros) if config.proxy == "pseudo_label" else \
+        (out[:, channels] ** 2).flatten(2).sum(-1).mean()
+    assert float(ssl_planning_loss(config)(out)) == pytest.approx(float(expected))

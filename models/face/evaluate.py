@@ -1,4 +1,5 @@
-"""Evaluate a trained face RPN: per case, forward -> Eq. 1 boxes -> top-2 per landmark -> graph prior.
+"""Evaluate a trained face RPN: per case, forward -> Eq. 1 boxes -> top-2 per landmark (raw, as the paper;
+NMS optional) -> graph prior.
 
 Reports Table 1's metrics (AP, AP35, AP50, AP75, mIoU, d-mean mm, time ms per volume: forward, decoding
 and the prior, after one warm-up volume). ``use_prior=False`` keeps the top-1 box of each landmark
@@ -6,19 +7,24 @@ instead (the paper's ablation without the prior).
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
+from models.checkpoint import load_checkpoint_file
+from models.errors import ClientError
 from models.face.anchors import LANDMARKS, decode_boxes, target_boxes
-from models.face.dataset import FaceDataset
+from models.face.dataset import PAPER_SPACING_MM, FaceDataset
 from models.face.graph_prior import GraphPrior, Selection, choose_combination, top_candidates
 from models.face.metrics import Detection, FaceMetrics, summarize
 from models.face.net import FaceRPN, flatten_head
-from models.face.train import CHECKPOINT_NAME, make_anchors
+from models.face.train import CLIENT, make_anchors
+from models.planning import resolve_device
 
 __all__ = ["LoadedModel", "load_checkpoint", "predict", "evaluate", "format_metrics"]
 
@@ -31,28 +37,26 @@ class LoadedModel:
     prior: GraphPrior
     box_scale: float
     input_size: tuple[int, int, int]
+    spacing_mm: float | None = PAPER_SPACING_MM
 
 
 def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedModel:
-    """Read ``path`` (a face.pt, or the folder holding it) written by :func:`models.face.train.train`."""
-    p = Path(path)
-    p = p / CHECKPOINT_NAME if p.is_dir() else p
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no face checkpoint; run `python -m models.face train --out DIR` first")
+    """Read ``path`` (a last.pt, or the run folder holding it) written by :func:`models.face.train.train`."""
+    ckpt = load_checkpoint_file(path, CLIENT)
+    extra = ckpt.extra
     try:
-        state = torch.load(p, map_location="cpu", weights_only=False)
-        model = FaceRPN(**state["model_kwargs"])
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"{p}: not a face checkpoint or corrupt ({type(exc).__name__}: {exc}); retrain") from exc
-    model.to(device).eval()
-    return LoadedModel(model, GraphPrior.from_json(state["graph_prior"], source=str(p)), float(state["box_scale"]),
-                       tuple(state["input_size"]))
+        model = FaceRPN(**extra["model_kwargs"])
+        model.load_state_dict(ckpt.models["rpn"])
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise ClientError(f"{path}: not a complete face checkpoint ({type(exc).__name__}: {exc}); retrain") from None
+    model.to(resolve_device(str(device))).eval()
+    return LoadedModel(model, GraphPrior.from_json(extra["graph_prior"], source=str(path)), float(extra["box_scale"]),
+                       tuple(extra["input_size"]), extra.get("spacing_mm"))
 
 
 @torch.no_grad()
 def predict(loaded: LoadedModel, image: torch.Tensor, spacing_mm: Sequence[float], *, use_prior: bool = True,
-            anchors: torch.Tensor | None = None) -> Selection:
+            anchors: torch.Tensor | None = None, suppress_iou: float | None = None) -> Selection:
     """The chosen box per landmark for one (1, X, Y, Z) image."""
     anchors = make_anchors(image.shape[1:], loaded.box_scale) if anchors is None else anchors
     device = next(loaded.model.parameters()).device
@@ -60,20 +64,22 @@ def predict(loaded: LoadedModel, image: torch.Tensor, spacing_mm: Sequence[float
     scores, deltas = flatten_head(cls_map, reg_map, loaded.model.num_anchors)
     probs = scores[0].softmax(-1).cpu()
     boxes = decode_boxes(deltas[0].cpu(), anchors)
-    candidates = top_candidates(probs, boxes, top=2 if use_prior else 1)
+    candidates = top_candidates(probs, boxes, top=2 if use_prior else 1, suppress_iou=suppress_iou)
     return choose_combination(candidates, loaded.prior, spacing_mm)
 
 
 def evaluate(loaded: LoadedModel, data: str | Path, *, case_ids: Sequence[str] | None = None,
-             use_prior: bool = True) -> FaceMetrics:
-    """Metrics of ``loaded`` on the cases of ``data`` (resampled to the model's input size)."""
-    dataset = FaceDataset(data, loaded.input_size, case_ids=case_ids)
+             use_prior: bool = True, suppress_iou: float | None = None, progress: bool = False) -> FaceMetrics:
+    """Metrics of ``loaded`` on the cases of ``data`` (on the grid it was trained on); ``suppress_iou``
+    turns on NMS among the candidates (the paper: raw top-2)."""
+    dataset = FaceDataset(data, loaded.input_size, spacing_mm=loaded.spacing_mm, case_ids=case_ids)
     anchors = make_anchors(loaded.input_size, loaded.box_scale)
     detections, truths, spacings, times = [], {}, {}, []
-    for i in range(len(dataset)):
+    for i in tqdm(range(len(dataset)), desc="face evaluate", disable=not progress, file=sys.stderr):
         sample = dataset[i]
         start = time.perf_counter()
-        chosen = predict(loaded, sample["image"], sample["spacing_mm"].tolist(), use_prior=use_prior, anchors=anchors)
+        chosen = predict(loaded, sample["image"], sample["spacing_mm"].tolist(), use_prior=use_prior, anchors=anchors,
+                         suppress_iou=suppress_iou)
         times.append(time.perf_counter() - start)
         case_id = sample["id"]
         spacings[case_id] = sample["spacing_mm"].tolist()

@@ -128,11 +128,12 @@ class Selection:
 
 
 def top_candidates(probs: torch.Tensor, boxes: torch.Tensor, *, top: int = 2,
-                   suppress_iou: float = 0.1) -> Candidates:
+                   suppress_iou: float | None = None) -> Candidates:
     """The ``top`` highest-scoring boxes per landmark class from (A, K+1) probabilities and (A, 6) boxes.
 
-    A later candidate must overlap every earlier one of its class by IoU <= ``suppress_iou`` (3D
-    NMS): with 64 anchors per cell the raw top-2 would almost always be the same spot twice.
+    The paper takes the raw top-2 (``suppress_iou=None``). With ``suppress_iou`` a later candidate must
+    overlap every earlier one of its class by IoU <= it (3D NMS; an option: with 64 anchors per cell the
+    raw top-2 is often the same spot twice).
     """
     num_classes = probs.shape[1] - 1
     out_boxes = torch.zeros(num_classes, top, 6)
@@ -145,7 +146,7 @@ def top_candidates(probs: torch.Tensor, boxes: torch.Tensor, *, top: int = 2,
             if len(kept) == top:
                 break
             box = boxes[order[i]][None]
-            if kept and box_iou(box, boxes[order[kept]]).max() > suppress_iou:
+            if suppress_iou is not None and kept and box_iou(box, boxes[order[kept]]).max() > suppress_iou:
                 continue
             out_boxes[k, len(kept)], out_scores[k, len(kept)] = box[0], values[i]
             kept.append(i)

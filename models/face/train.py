@@ -1,43 +1,48 @@
 """Train the face RPN through ``memplan.compile`` and fit the graph prior on the training landmarks.
 
-The checkpoint (``OUT/face.pt``) holds the *original* model's state_dict (the compiled module shares
-its parameters), the model arguments, the box scale and input size, and the fitted graph prior.
+Volumes are resampled to the paper's 1.3 mm voxels (``spacing_mm``), so the anchors (13-28 voxels) and
+target boxes (14^3 / 24^3) have the paper's physical size. The checkpoint (``OUT/last.pt``,
+models/checkpoint.py) holds the *original* model's state_dict (the compiled module shares its
+parameters), the plan, the model arguments, the grid and the fitted graph prior.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-import memplan
+from models.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
 from models.face.anchors import (ANCHOR_SIZES_VOX, LANDMARKS, AnchorTargets, generate_anchors, label_anchors,
                                  sample_anchors, target_boxes)
-from models.face.dataset import FaceDataset, augment
+from models.face.dataset import PAPER_SPACING_MM, FaceDataset, augment, box_scale_for
 from models.face.graph_prior import GraphPrior
 from models.face.losses import ETA, RPNLoss, rpn_loss
 from models.face.net import FEATURE_STRIDE, FaceRPN, flatten_head
+from models.loop import run_epochs
+from models.planning import Compiled, compile_for_training, resolve_device
 
-__all__ = ["TrainConfig", "build_model", "make_anchors", "batch_targets", "compile_model", "train_step",
-           "fit_prior", "train", "CHECKPOINT_NAME"]
+__all__ = ["TrainConfig", "build_model", "make_anchors", "batch_targets", "compile_model", "planning_loss",
+           "train_step", "fit_prior", "train", "CHECKPOINT_NAME", "CLIENT"]
 
-CHECKPOINT_NAME = "face.pt"
+CLIENT = "face"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs; ``box_scale`` multiplies anchor and target box sizes (1 = paper,
-    for 1.3 mm voxels); ``budget`` is memplan's memory budget (bytes or "8GB"; None = least memory)."""
+    """Everything a training run needs. ``spacing_mm`` is the voxel size volumes are resampled to (the
+    paper's 1.3 mm; the anchor and box sizes follow it); ``budget`` is memplan's memory budget (bytes or
+    "8GB"; None = least memory)."""
 
     data: str
-    out: str
-    input_size: tuple[int, int, int] = (64, 64, 64)
+    out: str = "runs/face"
+    input_size: tuple[int, int, int] = (160, 160, 160)      # 208 mm at 1.3 mm: a fetal head (models/face/net.py)
     epochs: int = 50
     batch_size: int = 1
     lr: float = 1e-3
@@ -45,7 +50,7 @@ class TrainConfig:
     channels: tuple[int, ...] = (32, 64, 128, 256)
     fuse_channels: int = 128
     rpn_channels: int = 128
-    box_scale: float = 1.0
+    spacing_mm: float | None = PAPER_SPACING_MM
     eta: float = ETA
     iou_balanced: bool = True
     anchor_batch: int = 256
@@ -54,14 +59,21 @@ class TrainConfig:
     compile: bool = True
     device: str = "cpu"
     case_ids: tuple[str, ...] | None = None
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if any(s % 8 for s in self.input_size):
             raise ValueError(f"input_size {self.input_size} must be divisible by 8 on every axis (three poolings); "
                              f"try {tuple(max(8, round(s / 8) * 8) for s in self.input_size)}")
-        if self.box_scale <= 0 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"need box_scale > 0, epochs >= 1, batch_size >= 1, lr > 0; got {self.box_scale}, "
+        if (self.spacing_mm is not None and self.spacing_mm <= 0) or self.epochs < 1 or self.batch_size < 1 \
+                or self.lr <= 0:
+            raise ValueError(f"need spacing_mm > 0, epochs >= 1, batch_size >= 1, lr > 0; got {self.spacing_mm}, "
                              f"{self.epochs}, {self.batch_size}, {self.lr}")
+
+    @property
+    def box_scale(self) -> float:
+        """Paper box sizes (1.3 mm voxels) -> voxels of this grid."""
+        return box_scale_for(self.spacing_mm)
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"channels": tuple(self.channels), "fuse_channels": self.fuse_channels,
@@ -92,10 +104,26 @@ def batch_targets(landmarks: torch.Tensor, anchors: torch.Tensor, *, box_scale: 
     return targets, boxes
 
 
-def compile_model(model: nn.Module, input_size: Sequence[int], batch_size: int, budget: str | int | None) -> nn.Module:
-    """``memplan.compile`` of ``model`` for (batch, 1, *input_size) inputs (planned on meta tensors)."""
-    example = torch.empty((batch_size, 1, *input_size), device="meta")
-    return memplan.compile(model, example, budget=budget)
+def planning_loss(num_anchors: int, anchor_batch: int = 256) -> Callable[[tuple], torch.Tensor]:
+    """rpn_loss's structure on fixed anchors, for memplan: the head maps flattened to anchor rows (the
+    large copies), cross-entropy of ``anchor_batch`` sampled rows and smooth L1 of half of them (the
+    positives); real targets pick rows by data, which meta tensors cannot."""
+    def loss(outputs: tuple) -> torch.Tensor:
+        scores, deltas = flatten_head(outputs[0], outputs[1], num_anchors)
+        rows = min(anchor_batch, scores.shape[1])
+        picked = scores[:, :rows].flatten(0, 1)
+        labels = torch.zeros(picked.shape[0], dtype=torch.long, device=picked.device)
+        cls = torch.nn.functional.cross_entropy(picked, labels)
+        reg = torch.nn.functional.smooth_l1_loss(deltas[:, :rows // 2], torch.zeros_like(deltas[:, :rows // 2]))
+        return cls + reg
+    return loss
+
+
+def compile_model(model: FaceRPN, input_size: Sequence[int], batch_size: int, budget: str | int | None, *,
+                  device: str | torch.device = "cpu", anchor_batch: int = 256) -> Compiled:
+    """``memplan.compile`` of ``model`` for (batch, 1, *input_size) inputs, planned with the RPN loss."""
+    return compile_for_training(model, (batch_size, 1, *input_size), budget=budget, device=device,
+                                loss_fn=planning_loss(model.num_anchors, anchor_batch))
 
 
 def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, image: torch.Tensor,
@@ -120,50 +148,65 @@ def fit_prior(dataset: FaceDataset) -> GraphPrior:
     return GraphPrior.fit(np.stack(faces))
 
 
-def _save(config: TrainConfig, model: FaceRPN, prior: GraphPrior, epoch: int, losses: list[float]) -> Path:
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / CHECKPOINT_NAME
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"model": state, "model_kwargs": config.model_kwargs(), "box_scale": config.box_scale,
-                "input_size": list(config.input_size), "graph_prior": prior.to_json(), "epoch": epoch,
-                "losses": losses, "config": json.loads(json.dumps(dataclasses.asdict(config)))}, path)
-    prior.save(out / "graph_prior.json")
-    return path
+def _checkpoint(config: TrainConfig, model: FaceRPN, prior: GraphPrior, plan, epoch: int,
+                losses: list[float]) -> Checkpoint:
+    return Checkpoint(CLIENT, json.loads(json.dumps(dataclasses.asdict(config))), {"rpn": model.state_dict()},
+                      plans={"rpn": None if plan is None else plan.to_json()}, epoch=epoch, history=losses,
+                      extra={"model_kwargs": config.model_kwargs(), "box_scale": config.box_scale,
+                             "input_size": list(config.input_size), "spacing_mm": config.spacing_mm,
+                             "graph_prior": prior.to_json()})
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> tuple[FaceRPN, list[float]]:
+def train(config: TrainConfig, *, progress: bool | None = None, log: Callable[[str], None] | None = None
+          ) -> tuple[FaceRPN, list[float]]:
     """Train; returns the (original, uncompiled) model and the mean total loss of each epoch."""
+    log = log or (lambda text: print(text, file=sys.stderr))
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    dataset = FaceDataset(config.data, config.input_size, case_ids=config.case_ids)
+    dataset = FaceDataset(config.data, config.input_size, spacing_mm=config.spacing_mm, case_ids=config.case_ids)
     if len(dataset) < max(config.batch_size, 2):
         raise ValueError(f"{config.data}: {len(dataset)} case(s) is too few for batch_size {config.batch_size} "
                          f"and the graph prior's fit (>= 2); add cases or lower --batch-size")
     prior = fit_prior(dataset)
-    model = build_model(config).to(config.device)
-    network = compile_model(model, config.input_size, config.batch_size, config.budget) if config.compile else model
+    model = build_model(config).to(device)
+    plan = None
+    network: nn.Module = model
+    if config.compile:
+        compiled = compile_model(model, config.input_size, config.batch_size, config.budget, device=device,
+                                 anchor_batch=config.anchor_batch)
+        network, plan = compiled.module, compiled.plan
+        log(f"face RPN, input {config.batch_size}x1x{'x'.join(map(str, config.input_size))}, "
+            f"{config.spacing_mm} mm voxels\n{compiled.summary}")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     anchors = make_anchors(config.input_size, config.box_scale)
     model.train()
     network.train()
-    history: list[float] = []
-    bar = tqdm(range(config.epochs), desc="face train", disable=not progress)
-    for epoch in bar:
+    steps = len(dataset) // config.batch_size
+
+    def batches(epoch: int):
         order = rng.permutation(len(dataset))
-        total = []
-        for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
-            samples = [dataset[int(i)] for i in order[start:start + config.batch_size]]
-            pairs = [augment(s["image"], s["landmarks"], rng) if config.augment else (s["image"], s["landmarks"])
-                     for s in samples]
-            image = torch.stack([p[0] for p in pairs]).to(config.device)
-            targets, boxes = batch_targets(torch.stack([p[1] for p in pairs]), anchors, box_scale=config.box_scale,
-                                           anchor_batch=config.anchor_batch, generator=generator)
-            loss = train_step(network, optimizer, image, targets, boxes, anchors, num_anchors=model.num_anchors,
-                              eta=config.eta, iou_balanced=config.iou_balanced)
-            total.append(loss.total.item())
-            bar.set_postfix(loss=f"{total[-1]:.4f}", cls=f"{loss.cls.item():.4f}", reg=f"{loss.reg.item():.4f}")
-        history.append(float(np.mean(total)))
-        _save(config, model, prior, epoch, history)
+        for start in range(0, steps * config.batch_size, config.batch_size):
+            yield [dataset[int(i)] for i in order[start:start + config.batch_size]]
+
+    def step(samples) -> dict[str, float]:
+        pairs = [augment(s["image"], s["landmarks"], rng) if config.augment else (s["image"], s["landmarks"])
+                 for s in samples]
+        image = torch.stack([p[0] for p in pairs]).to(device)
+        targets, boxes = batch_targets(torch.stack([p[1] for p in pairs]), anchors, box_scale=config.box_scale,
+                                       anchor_batch=config.anchor_batch, generator=generator)
+        loss = train_step(network, optimizer, image, targets, boxes, anchors, num_anchors=model.num_anchors,
+                          eta=config.eta, iou_balanced=config.iou_balanced)
+        return {"loss": loss.total.item(), "cls": loss.cls.item(), "reg": loss.reg.item()}
+
+    history: list[float] = []
+
+    def on_epoch(epoch: int, means: dict[str, float]) -> None:
+        history.append(means["loss"])
+        save_checkpoint(Path(config.out) / CHECKPOINT_NAME, _checkpoint(config, model, prior, plan, epoch, history))
+        prior.save(Path(config.out) / "graph_prior.json")
+
+    run_epochs(step, batches, epochs=config.epochs, steps_per_epoch=steps, desc="face train",
+               progress=config.progress if progress is None else progress, on_epoch=on_epoch)
     return model, history

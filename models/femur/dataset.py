@@ -2,6 +2,7 @@
 to a fixed patch, and paired with its label map and Gaussian heatmaps of the two endpoints.
 
 Cases follow models/data.py; a femur case needs a mask (label 1 = femur) and landmarks ``p1``, ``p2``.
+As in the paper the ROI is rescaled by 0.65 (``roi_scale``) rather than resampled to a fixed cube.
 Without a given box the ROI comes from the ground-truth mask (training); evaluation passes the
 detector's box. A 2D slice dataset for the ROI detector is here too.
 """
@@ -15,11 +16,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from models.augment import AugmentConfig, Spatial, augment
 from models.data import Case, CaseDataset, DataError, list_cases, load_case, normalize_intensity, parse_shape, \
     resample_case
+from models.femur.net import DOWNSAMPLE_FACTOR
 from models.femur.roi import ROI_MARGIN_VOX, Box3D, crop, enlarge_box, merge_boxes, slice_boxes
 
-__all__ = ["LANDMARKS", "gaussian_heatmaps", "mask_box", "crop_case", "FemurDataset", "RoiSliceDataset"]
+__all__ = ["LANDMARKS", "gaussian_heatmaps", "mask_box", "crop_case", "FemurDataset", "RoiSliceDataset",
+           "PAPER_ROI_SCALE", "femur_augmentation", "scaled_shape"]
 
 LANDMARKS = ("p1", "p2")   # proximal and distal femur endpoints
 
@@ -65,62 +69,86 @@ def _check_femur_case(case: Case, directory: Path) -> None:
     case.landmark_array(LANDMARKS)
 
 
-class FemurDataset(CaseDataset):
-    """ROI-cropped femur cases at ``input_size``; samples add ``labels`` (X, Y, Z) int64,
-    ``heatmaps`` (2, X, Y, Z) and ``landmarks`` (2, 3) voxel coordinates of the patch.
+#: the paper rescales every ROI by 0.65 ("limited by GPU memory"), keeping its aspect ratio
+PAPER_ROI_SCALE = 0.65
 
+
+def femur_augmentation() -> AugmentConfig:
+    """§3: "scaling, rotation and flipping"; the ranges are ours (mirrors of axes 1 and 2, keeping the beam
+    axis 0; rotations up to 15 degrees; zoom 0.9-1.1). Endpoints p1/p2 have no side: no label swap."""
+    return AugmentConfig(flip_axes=(1, 2), max_angle_deg=15.0, scale_range=(0.9, 1.1))
+
+
+def scaled_shape(shape: Sequence[int], scale: float, multiple: int = DOWNSAMPLE_FACTOR) -> tuple[int, int, int]:
+    """The grid of an ROI of ``shape`` rescaled by ``scale``, rounded up to ``multiple`` (the net's).
+
+    >>> scaled_shape((228, 124, 190), 0.65)
+    (152, 88, 128)
+    """
+    return tuple(int(max(multiple, -(-round(n * scale) // multiple) * multiple)) for n in shape)
+
+
+class FemurDataset(CaseDataset):
+    """ROI-cropped femur cases; samples add ``labels`` (X, Y, Z) int64, ``heatmaps`` (2, X, Y, Z) and
+    ``landmarks`` (2, 3) voxel coordinates of the patch.
+
+    ``roi_scale`` (the paper's 0.65): each ROI is rescaled by it, keeping its aspect ratio, and
+    zero-padded (label 0) at the far end of each axis to one grid, the largest ROI's rounded up to a
+    multiple of 8; ``input_size`` is then that grid. Without it every ROI is resampled to ``input_size``.
     ``boxes`` maps case IDs to ROI boxes (e.g. from the detector); others use :func:`mask_box`.
-    ``flip=True`` mirrors axes 1 and 2 at random (torch RNG): augmentation that keeps the beam axis 0.
+    ``augment``: an AugmentConfig (e.g. :func:`femur_augmentation`), drawn from a generator seeded by ``seed``.
     """
 
-    def __init__(self, directory: str | Path, input_size: Sequence[int], *, case_ids: Sequence[str] | None = None,
-                 roi_margin_vox: int = ROI_MARGIN_VOX, sigma_vox: float = 2.0,
-                 boxes: Mapping[str, Box3D] | None = None, flip: bool = False, cache: bool = True):
-        super().__init__(directory, input_size, case_ids=case_ids, cache=cache)
+    def __init__(self, directory: str | Path, input_size: Sequence[int] | None = None, *,
+                 case_ids: Sequence[str] | None = None, roi_margin_vox: int = ROI_MARGIN_VOX, sigma_vox: float = 2.0,
+                 boxes: Mapping[str, Box3D] | None = None, augment: AugmentConfig | None = None, cache: bool = True,
+                 roi_scale: float | None = None, seed: int = 0):
+        if (input_size is None) == (roi_scale is None):
+            raise ValueError("give the femur dataset either a fixed input_size or a roi_scale (the paper's 0.65)")
+        super().__init__(directory, input_size or (8, 8, 8), case_ids=case_ids, cache=cache)
         if roi_margin_vox < 0:
             raise ValueError(f"roi_margin_vox must be >= 0, got {roi_margin_vox}")
         if sigma_vox <= 0:
             raise ValueError(f"sigma_vox must be > 0, got {sigma_vox}")
-        self.roi_margin_vox, self.sigma_vox, self.flip = roi_margin_vox, sigma_vox, flip
+        self.roi_margin_vox, self.sigma_vox, self.augmentation = roi_margin_vox, sigma_vox, augment
         self.boxes = dict(boxes or {})
+        self.roi_scale = roi_scale
+        self.rng = np.random.default_rng(seed)
+        if roi_scale is not None:
+            shapes = [scaled_shape(self.case(i).shape, 1.0) for i in range(len(self))]
+            self.input_size = tuple(max(s[k] for s in shapes) for k in range(3))
 
     def roi(self, case: Case) -> Box3D:
         """The ROI box of a full-size case."""
         return self.boxes.get(case.case_id) or mask_box(case.mask, self.roi_margin_vox)
 
     def case(self, index: int) -> Case:
+        """The ROI of case ``index`` on the network's scale (unpadded when ``roi_scale`` is set)."""
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         full = load_case(self.directory, self.case_ids[index])
         _check_femur_case(full, self.directory)
-        case = resample_case(crop_case(full, self.roi(full)), self.input_size)
+        roi = crop_case(full, self.roi(full))
+        shape = self.input_size if self.roi_scale is None else \
+            tuple(max(2, round(n * self.roi_scale)) for n in roi.shape)
+        case = resample_case(roi, shape)
         if self._cache is not None:
             self._cache[index] = case
         return case
 
     def make_sample(self, case: Case) -> dict[str, Any]:
-        sample = super().make_sample(case)
-        points = case.landmark_array(LANDMARKS)
-        sample["labels"] = torch.from_numpy((case.mask > 0).astype(np.int64))
-        sample["heatmaps"] = torch.from_numpy(gaussian_heatmaps(case.shape, points, self.sigma_vox))
-        sample["landmarks"] = torch.from_numpy(points.astype(np.float32))
-        if self.flip:
-            sample = _random_flip(sample, case.shape)
-        return sample
-
-
-def _random_flip(sample: dict[str, Any], shape: tuple[int, int, int]) -> dict[str, Any]:
-    """Mirror axes 1 and 2 each with probability 1/2 (image, labels, heatmaps, landmarks together)."""
-    out = dict(sample)
-    for axis in (1, 2):
-        if torch.rand(()) < 0.5:
-            out["image"] = out["image"].flip(axis + 1)
-            out["labels"] = out["labels"].flip(axis)
-            out["heatmaps"] = out["heatmaps"].flip(axis + 1)
-            points = out["landmarks"].clone()
-            points[:, axis] = shape[axis] - 1 - points[:, axis]
-            out["landmarks"] = points
-    return out
+        s = Spatial(case.volume, case.landmark_array(LANDMARKS), (case.mask > 0).astype(np.uint8), case.spacing_mm)
+        if self.augmentation is not None and self.augmentation.enabled:
+            s = augment(self.rng, s, self.augmentation)
+        image, labels = normalize_intensity(s.volume), s.mask.astype(np.int64)
+        if image.shape != tuple(self.input_size):           # roi_scale: pad at the far end to the common grid
+            pad = [(0, t - n) for n, t in zip(image.shape, self.input_size)]
+            image, labels = np.pad(image, pad), np.pad(labels, pad)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image))[None],
+                "labels": torch.from_numpy(np.ascontiguousarray(labels)),
+                "heatmaps": torch.from_numpy(gaussian_heatmaps(image.shape, s.points, self.sigma_vox)),
+                "landmarks": torch.from_numpy(s.points.astype(np.float32)),
+                "spacing_mm": torch.tensor(s.spacing_mm, dtype=torch.float32), "id": case.case_id}
 
 
 class RoiSliceDataset(Dataset):

@@ -135,16 +135,25 @@ def center_distance_loss(heatmap_1: torch.Tensor, heatmap_2: torch.Tensor, *, te
 
 
 def branch_loss(outputs: tuple[torch.Tensor, ...], labels: torch.Tensor, heatmap_targets: torch.Tensor,
-                config: BranchLossConfig = BranchLossConfig()) -> BranchLossTerms:
-    """L_branch (Eq. 2) from the network outputs ``(seg_probs, H1, H2)``.
+                config: BranchLossConfig = BranchLossConfig(), class_weights: torch.Tensor | None = None
+                ) -> BranchLossTerms:
+    """L_branch (Eq. 2) from the network outputs ``(seg_probs, H1, H2)``; Unet-S's ``(seg_probs,)`` gives
+    alpha L_hybrid, Unet-L's ``(H1, H2)`` beta (L_reg + gamma L_CD).
 
-    ``labels`` (B, *S) integer map; ``heatmap_targets`` (B, 2, *S) Gaussian maps of the two endpoints.
+    ``labels`` (B, *S) integer map; ``heatmap_targets`` (B, 2, *S) Gaussian maps of the two endpoints;
+    ``class_weights`` of wCross default to the labels' frequency weights.
     """
-    if len(outputs) != 3:
-        raise ValueError(f"expected outputs (seg_probs, H1, H2), got {len(outputs)} tensors")
-    probs, h1, h2 = outputs
-    hyb = hybrid_loss(probs, labels, config.theta)
-    reg = heatmap_l2_loss(torch.cat([h1, h2], dim=1), heatmap_targets)
-    cd = center_distance_loss(h1, h2, temperature=config.temperature, eps=config.cd_eps)
+    if len(outputs) not in (1, 2, 3):
+        raise ValueError(f"expected outputs (seg_probs, H1, H2), (seg_probs,) (Unet-S) or (H1, H2) (Unet-L), "
+                         f"got {len(outputs)} tensors")
+    segment, localize = len(outputs) != 2, len(outputs) != 1          # a one-branch baseline has no other term
+    zero = outputs[0].new_zeros(())
+    hyb = hybrid_loss(outputs[0], labels, config.theta, class_weights) if segment else zero
+    if localize:
+        h1, h2 = outputs[-2:]
+        reg = heatmap_l2_loss(torch.cat([h1, h2], dim=1), heatmap_targets)
+        cd = center_distance_loss(h1, h2, temperature=config.temperature, eps=config.cd_eps)
+    else:
+        reg = cd = zero
     total = config.alpha * hyb + config.beta * (reg + config.gamma * cd)
     return BranchLossTerms(total=total, hybrid=hyb, reg=reg, cd=cd)

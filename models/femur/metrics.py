@@ -74,16 +74,28 @@ def length_error_mm(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[fl
     return abs(femur_length_mm(*pred, spacing_mm) - femur_length_mm(*truth, spacing_mm))
 
 
-def femur_metrics(pred_mask: np.ndarray, true_mask: np.ndarray, pred_points: np.ndarray, true_points: np.ndarray,
-                  spacing_mm: Sequence[float]) -> FemurMetrics:
-    """Every metric of one case: binary masks on one grid, (2, 3) endpoints in voxels of that grid."""
-    seg = segmetrics.segmentation_metrics(pred_mask, true_mask, spacing_mm)
-    pred_points, true_points = _points(pred_points, "pred_points"), _points(true_points, "true_points")
+def femur_metrics(pred_mask: np.ndarray | None, true_mask: np.ndarray, pred_points: np.ndarray | None,
+                  true_points: np.ndarray, spacing_mm: Sequence[float]) -> FemurMetrics:
+    """Every metric of one case: binary masks on one grid, (2, 3) endpoints in voxels of that grid.
+
+    A one-branch baseline passes None for what it does not predict; those metrics are NaN.
+    """
+    nan = float("nan")
+    if pred_mask is None:
+        seg = segmetrics.SegMetrics(nan, nan, nan, nan, nan, nan)
+    else:
+        seg = segmetrics.segmentation_metrics(pred_mask, true_mask, spacing_mm)
+    true_points = _points(true_points, "true_points")
+    if pred_points is None:
+        p1 = p2 = length = nan
+    else:
+        pred_points = _points(pred_points, "pred_points")
+        p1 = endpoint_error_mm(pred_points[0], true_points[0], spacing_mm)
+        p2 = endpoint_error_mm(pred_points[1], true_points[1], spacing_mm)
+        length = length_error_mm(pred_points, true_points, spacing_mm)
     return FemurMetrics(dsc=seg.dsc, jaccard=seg.jaccard, asd_mm=seg.asd_mm, hausdorff_mm=seg.hausdorff_mm,
-                        volume_error_ml=abs(seg.volume_error_ml),
-                        p1_error_mm=endpoint_error_mm(pred_points[0], true_points[0], spacing_mm),
-                        p2_error_mm=endpoint_error_mm(pred_points[1], true_points[1], spacing_mm),
-                        length_error_mm=length_error_mm(pred_points, true_points, spacing_mm))
+                        volume_error_ml=abs(seg.volume_error_ml), p1_error_mm=p1, p2_error_mm=p2,
+                        length_error_mm=length)
 
 
 def summarize(results: Sequence[FemurMetrics]) -> dict[str, tuple[float, float]]:

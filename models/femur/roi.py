@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage
-from torch import nn
 
-from models.blocks import DoubleConv, check_channels, conv_nd, pool_nd
+from models.blocks import UNet
 
 __all__ = ["RoiUNet", "Box3D", "slice_boxes", "merge_boxes", "enlarge_box", "crop", "predict_slices",
            "largest_component", "detect_roi", "ROI_MARGIN_VOX"]
@@ -18,9 +17,10 @@ __all__ = ["RoiUNet", "Box3D", "slice_boxes", "merge_boxes", "enlarge_box", "cro
 ROI_MARGIN_VOX = 30  # the paper enlarges the merged box by 30 voxels on every side
 
 
-class RoiUNet(nn.Module):
-    """Basic 2D U-Net (Unet-ROI): per level two 3x3 Conv-BN-ReLU, 2x max-pool down, transposed conv up,
-    concatenating skips; returns class logits. Spatial sizes must divide by 2**(len(channels)-1).
+class RoiUNet(UNet):
+    """Basic 2D U-Net (Unet-ROI, models.blocks.UNet): per level two 3x3 Conv-BN-ReLU, 2x max-pool down,
+    a plain transposed conv up, concatenating skips; returns class logits. Spatial sizes must divide by
+    2**(len(channels)-1).
 
     >>> RoiUNet(2, 1, 2, channels=(2, 4, 8))(torch.zeros(3, 1, 8, 12)).shape
     torch.Size([3, 2, 8, 12])
@@ -28,35 +28,9 @@ class RoiUNet(nn.Module):
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2, *,
                  channels: tuple[int, ...] = (32, 64, 128, 256, 512)):
-        super().__init__()
         if spatial_dims != 2:
             raise ValueError(f"RoiUNet segments 2D slices: spatial_dims must be 2, got {spatial_dims!r}")
-        if len(channels) < 2:
-            raise ValueError(f"channels needs at least 2 levels, got {tuple(channels)!r}")
-        check_channels(in_channels=in_channels, out_channels=out_channels,
-                       **{f"channels[{i}]": c for i, c in enumerate(channels)})
-        self.channels = tuple(channels)
-        self.pool = pool_nd(2)(kernel_size=2, stride=2)
-        widths = (in_channels, *channels)
-        self.down = nn.ModuleList(DoubleConv(2, widths[i], widths[i + 1]) for i in range(len(channels)))
-        self.up = nn.ModuleList(nn.ConvTranspose2d(channels[i + 1], channels[i], kernel_size=2, stride=2)
-                                for i in range(len(channels) - 1))
-        self.dec = nn.ModuleList(DoubleConv(2, 2 * channels[i], channels[i]) for i in range(len(channels) - 1))
-        self.head = conv_nd(2)(channels[0], out_channels, kernel_size=1)
-
-    @property
-    def size_multiple(self) -> int:
-        """Every spatial size of the input must be a multiple of this."""
-        return 2 ** (len(self.channels) - 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else self.pool(x))
-            skips.append(x)
-        for i in reversed(range(len(self.up))):
-            x = self.dec[i](torch.cat([self.up[i](x), skips[i]], dim=1))
-        return self.head(x)
+        super().__init__(2, in_channels, out_channels, channels=tuple(channels), up_norm=False)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.augment import Spatial, rot90
+from models.augment import flip as shared_flip
+
 __all__ = ["AugmentConfig", "flip", "rotate180", "random_erase", "augment"]
 
 
@@ -33,19 +36,27 @@ class AugmentConfig:
             raise ValueError(f"erase_fraction {self.erase_fraction} must satisfy 0 < low <= high <= 1")
 
 
+def _spatial(array: np.ndarray, transform) -> np.ndarray:
+    """``transform`` (a models.augment function of a Spatial) applied to each 3D volume of ``array`` (..., X, Y, Z)."""
+    flat = array.reshape(-1, *array.shape[-3:])
+    out = [transform(Spatial(v, np.zeros((0, 3)))).volume for v in flat]
+    return np.stack(out).reshape(*array.shape[:-3], *out[0].shape).astype(array.dtype, copy=False)
+
+
 def flip(array: np.ndarray, axis: int) -> np.ndarray:
-    """``array`` mirrored along spatial ``axis`` (0..2 of the last three axes)."""
-    return np.flip(array, axis=array.ndim - 3 + axis).copy()
+    """``array`` mirrored along spatial ``axis`` (0..2 of the last three axes; models.augment.flip)."""
+    return _spatial(array, lambda s: shared_flip(s, axis))
 
 
 def rotate180(array: np.ndarray, axis: int) -> np.ndarray:
-    """``array`` rotated 180 degrees about spatial ``axis`` (the plane of the other two axes).
+    """``array`` rotated 180 degrees about spatial ``axis`` (two quarter turns in the plane of the other two
+    axes, models.augment.rot90).
 
     >>> rotate180(np.arange(8).reshape(2, 2, 2), 0)[0].tolist()
     [[3, 2], [1, 0]]
     """
-    plane = [array.ndim - 3 + a for a in range(3) if a != axis]
-    return np.rot90(array, k=2, axes=plane).copy()
+    plane = tuple(a for a in range(3) if a != axis)
+    return _spatial(array, lambda s: rot90(s, 2, plane))
 
 
 def random_erase(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,

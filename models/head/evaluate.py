@@ -7,6 +7,7 @@ original grid, thresholded at 0.5 and compared there with the spacing of the ori
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,42 +17,41 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
+from models.checkpoint import load_checkpoint_file
 from models.data import Case, DataError, list_cases, load_case, normalize_intensity, resample_case
+from models.errors import ClientError
 from models.head.autocontext import AutoContext, foreground_probability
 from models.head.net import HeadNetConfig, USegNetHAS
-from models.head.train import checkpoint_path
-from models.segmetrics import SegMetrics, segmentation_metrics
+from models.head.train import CLIENT
+from models.segmetrics import SegMetrics, bland_altman, segmentation_metrics, volume_ml
 
-__all__ = ["CaseResult", "load_cascade", "predict_probabilities", "evaluate_cases", "summarize", "write_report"]
+__all__ = ["CaseResult", "load_cascade", "predict_probabilities", "evaluate_cases", "summarize", "volume_agreement",
+           "write_report"]
 
 
 @dataclass(frozen=True)
 class CaseResult:
-    """Metrics of one case after each auto-context level (index 0 = level 1)."""
+    """Metrics of one case after each auto-context level (index 0 = level 1) and its true head volume."""
 
     case_id: str
     per_level: tuple[SegMetrics, ...]
+    true_volume_ml: float = float("nan")
 
 
-def load_cascade(checkpoint_dir: str | Path) -> tuple[AutoContext, tuple[int, int, int]]:
-    """The cascade of every ``levelK.pt`` in ``checkpoint_dir`` (K = 1, 2, ...) and its input size."""
-    levels, sizes = [], set()
-    while checkpoint_path(checkpoint_dir, len(levels) + 1).is_file():
-        path = checkpoint_path(checkpoint_dir, len(levels) + 1)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = state["net_config"]
-        config = HeadNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+def load_cascade(checkpoint: str | Path) -> tuple[AutoContext, tuple[int, int, int]]:
+    """The cascade of every level in a head checkpoint (a last.pt or its run folder) and its input size."""
+    ckpt = load_checkpoint_file(checkpoint, CLIENT)
+    cfg = ckpt.extra["net_config"]
+    config = HeadNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+    levels = []
+    while f"level{len(levels) + 1}" in ckpt.models:
         model = USegNetHAS.from_config(config)
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(ckpt.models[f"level{len(levels) + 1}"])
         levels.append(model)
-        sizes.add(tuple(state["input_size"]))
     if not levels:
-        raise DataError(f"{checkpoint_path(checkpoint_dir, 1)}: no such file; train first with "
-                        f"`python -m models.head train --out {checkpoint_dir} ...`")
-    if len(sizes) != 1:
-        raise DataError(f"checkpoints in {checkpoint_dir} were trained at different input sizes {sorted(sizes)}; "
-                        "retrain the levels together")
-    return AutoContext(levels).eval(), sizes.pop()
+        raise ClientError(f"{checkpoint}: the checkpoint holds no trained level yet; train with "
+                          f"`python -m models.head train --out {checkpoint}`")
+    return AutoContext(levels).eval(), tuple(ckpt.extra["input_size"])
 
 
 @torch.no_grad()
@@ -69,19 +69,20 @@ def predict_probabilities(cascade: AutoContext, case: Case, input_size: Sequence
     return out
 
 
-def evaluate_cases(checkpoint_dir: str | Path, data_dir: str | Path, *, case_ids: Sequence[str] | None = None,
+def evaluate_cases(checkpoint: str | Path, data_dir: str | Path, *, case_ids: Sequence[str] | None = None,
                    progress: bool = True) -> list[CaseResult]:
     """Score every case of ``data_dir`` (each needs a mask) after every level of the cascade."""
-    cascade, input_size = load_cascade(checkpoint_dir)
+    cascade, input_size = load_cascade(checkpoint)
     results = []
-    for case_id in tqdm(case_ids or list_cases(data_dir), desc="head evaluate", disable=not progress):
+    for case_id in tqdm(case_ids or list_cases(data_dir), desc="head evaluate", disable=not progress,
+                        file=sys.stderr):
         case = load_case(data_dir, case_id)
         if case.mask is None:
             raise DataError(f"{Path(data_dir) / (case_id + '_mask.nii.gz')}: missing; evaluation needs ground truth")
         truth = case.mask > 0
         metrics = tuple(segmentation_metrics(p >= 0.5, truth, case.spacing_mm)
                         for p in predict_probabilities(cascade, case, input_size))
-        results.append(CaseResult(case_id, metrics))
+        results.append(CaseResult(case_id, metrics, volume_ml(truth, case.spacing_mm)))
     return results
 
 
@@ -92,11 +93,22 @@ def summarize(results: Sequence[CaseResult]) -> list[dict[str, float]]:
              for name in SegMetrics.__dataclass_fields__} for k in range(levels)]
 
 
+def volume_agreement(results: Sequence[CaseResult]) -> list[dict[str, float]]:
+    """Per level, the paper's §4.3 volume analysis: Pearson correlation of predicted and true head volumes
+    and the Bland-Altman bias and 95% limits (mean +- 1.96 SD of predicted - true, mL)."""
+    true = np.array([r.true_volume_ml for r in results])
+    out = []
+    for k in range(len(results[0].per_level)):
+        diff = np.array([r.per_level[k].volume_error_ml for r in results])
+        out.append(dict(zip(("correlation", "bias_ml", "loa_ml"), bland_altman(true + diff, true))))
+    return out
+
+
 def write_report(results: Sequence[CaseResult], path: str | Path) -> Path:
-    """Per-case and mean metrics as JSON."""
+    """Per-case and mean metrics, and the volume agreement, as JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"mean_per_level": summarize(results),
+    payload = {"mean_per_level": summarize(results), "volume_agreement_per_level": volume_agreement(results),
                "cases": {r.case_id: [m.as_dict() for m in r.per_level] for r in results}}
     path.write_text(json.dumps(payload, indent=1))
     return path

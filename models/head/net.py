@@ -21,10 +21,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.blocks import DoubleConv, check_channels, conv_nd, norm_nd, pool_nd
+from models.blocks import ConvNormAct, DoubleConv, UpConv, check_channels, conv_nd, pool_nd
 from models.head.attention import AttentionModule
 
-__all__ = ["HeadNetConfig", "USegNetHAS", "UpConv", "PAPER_CONFIG", "TINY_CONFIG", "PAPER_INPUT_SIZE"]
+__all__ = ["HeadNetConfig", "USegNetHAS", "truncated_normal_init", "PAPER_CONFIG", "TINY_CONFIG", "PAPER_INPUT_SIZE"]
 
 # 0.4 x the paper's 388 x 258 x 440 volumes, rounded to multiples of 8 (three poolings).
 PAPER_INPUT_SIZE = (152, 104, 176)
@@ -41,6 +41,9 @@ class HeadNetConfig:
     attention_kernel_size: int = 3      # the two convs that make W(X)
     in_channels: int = 1
     out_channels: int = 2               # classes, background included (softmax + cross entropy)
+    deep_supervision: bool = True       # auxiliary heads behind the deeper UAMs (USegNet-DS)
+    sam: bool = True                    # attention on every skip (HAS, §2.4)
+    uam: bool = True                    # attention after every concatenation; off: a plain Conv-BN-ReLU fuses
 
     def __post_init__(self) -> None:
         if len(self.channels) < 2 or len(self.channels) != len(self.kernel_sizes):
@@ -65,22 +68,22 @@ PAPER_CONFIG = HeadNetConfig()
 TINY_CONFIG = HeadNetConfig(channels=(4, 8, 8, 8), attention_channels=4, attention_out_channels=8)
 
 
-class UpConv(nn.Sequential):
-    """2x up-sampling: transposed conv (odd kernel k, stride 2, padding k//2, output padding 1), BN, ReLU.
+def truncated_normal_init(module: nn.Module) -> None:
+    """Conv weights from a normal truncated at 2 std (paper §3: "initialized from truncated normal
+    distributions"; the std is ours: He's sqrt(2 / fan_in)), biases 0.
 
-    >>> tuple(UpConv(3, 4, 2, kernel_size=5)(torch.zeros(1, 4, 3, 2, 5)).shape)
-    (1, 2, 6, 4, 10)
+    >>> c = nn.Conv3d(4, 8, 3); truncated_normal_init(c)
+    >>> bool(c.weight.detach().abs().max() <= 2 * (2 / (4 * 27)) ** 0.5), float(c.bias.detach().abs().max())
+    (True, 0.0)
     """
-
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *, kernel_size: int = 3):
-        check_channels(in_channels=in_channels, out_channels=out_channels)
-        transposed = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
-        super().__init__(
-            transposed(in_channels, out_channels, kernel_size, stride=2, padding=kernel_size // 2,
-                       output_padding=1, bias=False),
-            norm_nd(spatial_dims)(out_channels),
-            nn.ReLU(inplace=False),
-        )
+    transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, *transposed)):
+        w = module.weight                              # (out, in, k...) or, transposed, (in, out, k...)
+        fan_in = w.shape[0] * w[0, 0].numel() if isinstance(module, transposed) else w[0].numel()
+        std = (2.0 / fan_in) ** 0.5
+        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class USegNetHAS(nn.Module):
@@ -96,7 +99,8 @@ class USegNetHAS(nn.Module):
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, *,
                  channels: Sequence[int] = PAPER_CONFIG.channels, kernel_sizes: Sequence[int] | None = None,
-                 attention_channels: int = 32, attention_out_channels: int = 64, attention_kernel_size: int = 3):
+                 attention_channels: int = 32, attention_out_channels: int = 64, attention_kernel_size: int = 3,
+                 deep_supervision: bool = True, sam: bool = True, uam: bool = True):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -105,7 +109,7 @@ class USegNetHAS(nn.Module):
             kernel_sizes = tuple(3 if i < (len(channels) + 1) // 2 else 5 for i in range(len(channels)))
         self.spatial_dims = spatial_dims
         self.config = HeadNetConfig(channels, tuple(kernel_sizes), attention_channels, attention_out_channels,
-                                    attention_kernel_size, in_channels, out_channels)
+                                    attention_kernel_size, in_channels, out_channels, deep_supervision, sam, uam)
         cfg = self.config
         levels = len(channels)
         self.pool = pool_nd(spatial_dims)(kernel_size=2, stride=2)
@@ -114,18 +118,22 @@ class USegNetHAS(nn.Module):
             for i, k in enumerate(cfg.kernel_sizes))
         attention = dict(inner_channels=attention_channels, kernel_size=attention_kernel_size)
         # Decoder modules are indexed by the level they produce: 0 (full res) .. levels - 2.
+        skip_width = [attention_out_channels if sam else channels[i] for i in range(levels - 1)]
         self.sams = nn.ModuleList(AttentionModule(spatial_dims, channels[i], attention_out_channels, **attention)
-                                  for i in range(levels - 1))
+                                  if sam else nn.Identity() for i in range(levels - 1))
         self.ups = nn.ModuleList(
             UpConv(spatial_dims, channels[-1] if i == levels - 2 else attention_out_channels, channels[i],
                    kernel_size=cfg.kernel_sizes[i + 1])
             for i in range(levels - 1))
         self.uams = nn.ModuleList(
-            AttentionModule(spatial_dims, channels[i] + attention_out_channels, attention_out_channels, **attention)
+            AttentionModule(spatial_dims, channels[i] + skip_width[i], attention_out_channels, **attention) if uam
+            else ConvNormAct(spatial_dims, channels[i] + skip_width[i], attention_out_channels,
+                             kernel_size=cfg.kernel_sizes[i])
             for i in range(levels - 1))
         conv = conv_nd(spatial_dims)
         self.heads = nn.ModuleList(conv(attention_out_channels, out_channels, kernel_size=1)
-                                   for _ in range(levels - 1))
+                                   for _ in range(levels - 1 if deep_supervision else 1))
+        self.apply(truncated_normal_init)
 
     @classmethod
     def from_config(cls, config: HeadNetConfig, spatial_dims: int = 3) -> "USegNetHAS":
@@ -133,7 +141,8 @@ class USegNetHAS(nn.Module):
         return cls(spatial_dims, config.in_channels, config.out_channels, channels=config.channels,
                    kernel_sizes=config.kernel_sizes, attention_channels=config.attention_channels,
                    attention_out_channels=config.attention_out_channels,
-                   attention_kernel_size=config.attention_kernel_size)
+                   attention_kernel_size=config.attention_kernel_size, deep_supervision=config.deep_supervision,
+                   sam=config.sam, uam=config.uam)
 
     def check_input_shape(self, spatial_shape: Sequence[int]) -> None:
         """Raise ValueError unless every spatial size is a positive multiple of 2 ** pools."""
@@ -157,7 +166,8 @@ class USegNetHAS(nn.Module):
         outputs = []
         for i in reversed(range(len(self.uams))):
             x = self.uams[i](torch.cat([self.ups[i](x), self.sams[i](features[i])], dim=1))
-            outputs.append(self.heads[i](x))
+            if i < len(self.heads):                     # without deep supervision only the main head exists
+                outputs.append(self.heads[i](x))
         return tuple(reversed(outputs))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -3,8 +3,10 @@
 Pair Loss trains the arm (and leg) groups without telling which is left, so at inference
 Ang = (V_{1->4} x V_{1->6}) . V_{s1->s2} decides: Ang <= 0 means the group of s1 is the left one.
 V_{1->4} x V_{1->6} (crown to nasal bone, crown to hind neck) is the mid-sagittal normal pointing to
-the fetus's left, so this holds for a true pose. A positive diagonal scaling (voxels vs mm) multiplies
-Ang by the determinant only, so the rule works in either coordinate system.
+the fetus's left, so this holds for a true pose in a right-handed frame. A linear map M of the points
+multiplies Ang by det(M): a positive scaling (voxels vs mm) keeps the decision, but a voxel grid whose
+affine mirrors (negative determinant, common in real NIfTI) flips it. ``assign_sides(..., frame=A)``
+therefore decides in world coordinates A[:3, :3] @ voxel and swaps the voxel coordinates accordingly.
 """
 from __future__ import annotations
 
@@ -33,15 +35,20 @@ def side_angle(points: np.ndarray, a: int, b: int) -> np.ndarray:
 
 
 def assign_sides(points: np.ndarray,
-                 limb_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] = V2_LIMB_PAIRS) -> np.ndarray:
+                 limb_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] = V2_LIMB_PAIRS, *,
+                 frame: np.ndarray | None = None) -> np.ndarray:
     """``points`` (..., L, 3) with each (left, right) group pair swapped where Eq. 7 says so.
 
     The first channel of each group is its root joint (shoulder, hip), the landmark Eq. 7 uses.
+    ``frame``: the voxel -> world affine (4x4 or its 3x3 part, or (..., 4, 4) per sample); Eq. 7 is
+    evaluated on the world coordinates, the swap applied to ``points`` as given.
     """
     out = np.array(points, dtype=np.float64, copy=True)
+    linear = np.eye(3) if frame is None else np.asarray(frame, dtype=np.float64)[..., :3, :3]
     for left, right in limb_pairs:
         left, right = list(left), list(right)
-        swap = side_angle(out, left[0], right[0]) > 0            # Ang > 0: s1 is the right one
+        world = out @ np.swapaxes(linear, -1, -2)                  # (..., L, 3) world coordinates
+        swap = side_angle(world, left[0], right[0]) > 0          # Ang > 0: s1 is the right one
         a, b = out[..., left, :].copy(), out[..., right, :].copy()
         out[..., left, :] = np.where(swap[..., None, None], b, a)
         out[..., right, :] = np.where(swap[..., None, None], a, b)

@@ -6,38 +6,22 @@
          └ pool ─ enc1 ─────────────────────── cat ─ dec1 ─ up ┘
                    └ pool ─ ... ─ encD (bottleneck) ─ up ┘
 
-enc/dec blocks are ``convs`` x (Conv-BN-ReLU) (models.blocks.DoubleConv), "up" is a stride-2 transposed
-convolution with BN and ReLU (FetusMap §2.1: every Conv and Deconv is followed by BN and ReLU);
+The network is models.blocks.UNet: enc/dec blocks are ``convs`` x (Conv-BN-ReLU), "up" is a stride-2
+transposed convolution with BN and ReLU (FetusMap §2.1: every Conv and Deconv is followed by BN and ReLU);
 channels double per level from ``channels``. BatchNorm keeps no running statistics (V2 §4.1), so
 train and eval compute the same thing and forward writes no state. Each input side must be divisible
 by 2**depth (176,112,112 and 208,128,144 are).
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+import torch  # noqa: F401  (used by the doctests)
 
-from models.blocks import DoubleConv, check_channels, conv_nd, norm_nd, pool_nd
+from models.blocks import UNet, check_channels
 
-__all__ = ["UpConv", "PoseUNet", "fetusmap_v2", "fetusmap", "check_input_size"]
-
-
-class UpConv(nn.Sequential):
-    """Stride-2 transposed convolution -> BN -> ReLU: doubles each spatial side.
-
-    >>> UpConv(3, 8, 4)(torch.zeros(1, 8, 2, 2, 2)).shape
-    torch.Size([1, 4, 4, 4, 4])
-    """
-
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *, track_running_stats: bool = False):
-        check_channels(in_channels=in_channels, out_channels=out_channels)
-        transpose = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
-        super().__init__(transpose(in_channels, out_channels, 2, stride=2, bias=False),
-                         norm_nd(spatial_dims)(out_channels, track_running_stats=track_running_stats),
-                         nn.ReLU(inplace=False))
+__all__ = ["PoseUNet", "fetusmap_v2", "fetusmap", "check_input_size"]
 
 
-class PoseUNet(nn.Module):
+class PoseUNet(UNet):
     """U-Net mapping an image to one heatmap (logits) per landmark, at input resolution.
 
     >>> net = PoseUNet(3, 1, 5, channels=4, depth=2)
@@ -47,31 +31,11 @@ class PoseUNet(nn.Module):
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 22, *, channels: int = 32,
                  depth: int = 4, convs: int = 2, track_running_stats: bool = False):
-        super().__init__()
-        check_channels(in_channels=in_channels, out_channels=out_channels, channels=channels, convs=convs)
-        if not isinstance(depth, int) or depth < 1:
+        check_channels(channels=channels)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ValueError(f"depth (number of poolings) must be a positive int, got {depth!r}")
-        self.spatial_dims, self.depth = spatial_dims, depth
-        widths = [channels * 2 ** level for level in range(depth + 1)]
-        block = dict(convs=convs, track_running_stats=track_running_stats)
-        self.encoders = nn.ModuleList(
-            [DoubleConv(spatial_dims, in_channels, widths[0], **block)]
-            + [nn.Sequential(pool_nd(spatial_dims)(2), DoubleConv(spatial_dims, widths[i - 1], widths[i], **block))
-               for i in range(1, depth + 1)])
-        self.ups = nn.ModuleList([UpConv(spatial_dims, widths[i + 1], widths[i], track_running_stats=track_running_stats)
-                                  for i in range(depth)])
-        self.decoders = nn.ModuleList([DoubleConv(spatial_dims, 2 * widths[i], widths[i], **block) for i in range(depth)])
-        self.head = conv_nd(spatial_dims)(widths[0], out_channels, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for encoder in self.encoders:
-            x = encoder(x)
-            skips.append(x)
-        x = skips.pop()                                         # the bottleneck
-        for level in reversed(range(self.depth)):               # a Python int loop: unrolled by fx
-            x = self.decoders[level](torch.cat([skips[level], self.ups[level](x)], dim=1))
-        return self.head(x)
+        super().__init__(spatial_dims, in_channels, out_channels, channels=tuple(channels * 2 ** i for i in range(depth + 1)),
+                         convs=convs, track_running_stats=track_running_stats)
 
 
 def check_input_size(input_size: tuple[int, ...], depth: int) -> None:

@@ -81,11 +81,12 @@ class PoseLibrary:
 
     @classmethod
     def from_directory(cls, directory: str | Path, names: Sequence[str]) -> "PoseLibrary":
-        """Every case's landmarks of ``directory`` in grid mm (voxel x spacing, the predictions' frame)."""
+        """Every case's landmarks of ``directory`` in world mm (the affine's frame, where every pose is
+        right-handed whatever the grid's orientation; predictions are mapped there too)."""
         ids = list_cases(directory)
         poses = []
         for case_id in ids:
-            mm = load_landmarks_mm(directory, case_id, grid=True)
+            mm = load_landmarks_mm(directory, case_id)
             missing = [n for n in names if n not in mm]
             if missing:
                 raise ValueError(f"{Path(directory) / (case_id + '.json')}: landmarks {missing} missing; a pose "

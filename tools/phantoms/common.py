@@ -15,7 +15,7 @@ from scipy.spatial.transform import Rotation
 
 from models.data import Case, parse_shape, save_case
 
-__all__ = ["PhantomCase", "to_case", "write_case", "check_shape", "rasterize_ellipsoid", "rasterize_capsule",
+__all__ = ["PhantomCase", "mirror_grid", "to_case", "write_case", "check_shape", "rasterize_ellipsoid", "rasterize_capsule",
            "speckle", "acoustic_shadow", "random_rotation", "random_similarity", "transform_points"]
 
 
@@ -28,6 +28,26 @@ class PhantomCase:
     mask: np.ndarray | None = None
     landmarks: Mapping[str, np.ndarray] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    affine: np.ndarray | None = None        # voxel -> mm; None: diag(spacing_mm)
+
+
+def mirror_grid(phantom: PhantomCase, axis: int = 0) -> PhantomCase:
+    """The same anatomy stored on a mirrored voxel grid: the arrays are flipped along ``axis`` and the
+    affine gets a negative determinant, so every world (mm) coordinate is unchanged. Real NIfTI often
+    comes this way; code that reads sides in voxel space gets them wrong.
+
+    >>> p = mirror_grid(PhantomCase(np.zeros((4, 2, 2)), (2.0, 1.0, 1.0), landmarks={"a": np.array([1.0, 0, 0])}))
+    >>> p.landmarks["a"].tolist(), (p.affine[:3, :3] @ p.landmarks["a"] + p.affine[:3, 3]).tolist()
+    ([2.0, 0.0, 0.0], [2.0, 0.0, 0.0])
+    """
+    n = phantom.volume.shape[axis]
+    base = np.diag([*phantom.spacing_mm, 1.0]) if phantom.affine is None else np.asarray(phantom.affine, float)
+    flip = np.eye(4)
+    flip[axis, axis], flip[axis, 3] = -1.0, n - 1                   # voxel' = flip @ voxel (an involution)
+    landmarks = {k: flip[:3, :3] @ np.asarray(v, float) + flip[:3, 3] for k, v in (phantom.landmarks or {}).items()}
+    mask = None if phantom.mask is None else np.ascontiguousarray(np.flip(phantom.mask, axis))
+    return PhantomCase(np.ascontiguousarray(np.flip(phantom.volume, axis)), phantom.spacing_mm, mask, landmarks,
+                       {**phantom.extra, "mirrored_axis": axis}, base @ flip)
 
 
 def to_case(case_id: str, phantom: PhantomCase) -> Case:
@@ -35,7 +55,7 @@ def to_case(case_id: str, phantom: PhantomCase) -> Case:
     mask = None if phantom.mask is None else np.asarray(phantom.mask, dtype=np.uint8)
     landmarks = {n: np.asarray(v, dtype=np.float64) for n, v in (phantom.landmarks or {}).items()}
     return Case(case_id, np.asarray(phantom.volume, dtype=np.float32), tuple(float(s) for s in phantom.spacing_mm),
-                mask, landmarks, dict(phantom.extra))
+                mask, landmarks, dict(phantom.extra), None if phantom.affine is None else np.asarray(phantom.affine))
 
 
 def write_case(out_dir: str | Path, case_id: str, phantom: PhantomCase) -> Path:
