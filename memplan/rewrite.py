@@ -35,6 +35,10 @@ class CheckpointSegment(nn.Module):
     def forward(self, *args):
         if not torch.is_grad_enabled():
             return self.body(*args)
+        if torch.compiler.is_compiling():
+            # torch.compile functionalizes buffer writes and recomputes inside its own backward graph,
+            # which never replays them: the buffer contexts are neither needed nor supported there
+            return checkpoint(self.body, *args, use_reentrant=False, preserve_rng_state=True)
         return checkpoint(self.body, *args, use_reentrant=False, preserve_rng_state=True,
                           context_fn=functools.partial(_segment_contexts, self.body))
 
