@@ -295,3 +295,38 @@ def test_schema_is_the_plan_dataclass(world):
         bad = [] if not isinstance(world.plan[key], list) else "x"
         with pytest.raises(PlanFileError, match=re.escape(key)):
             validate_plan_dict({**world.plan, key: bad}, memplan.Plan)
+
+
+def test_in_place_groups_and_pinned_nodes_by_hand():
+    """A hand-made chain a -> b -> c: a split in-place group and a recomputed pinned node are refused."""
+    import networkx as nx
+    from types import SimpleNamespace
+    from memplan.plan import Segment
+
+    dag = nx.DiGraph([("a", "b"), ("b", "c")])
+
+    def graph(together=(), pinned=frozenset()):
+        return SimpleNamespace(order=["a", "b", "c"], dag=dag, together=together, pinned=pinned)
+
+    def plan(*blocks, recompute=()):
+        return SimpleNamespace(segments=tuple(Segment(index=i, nodes=tuple(b), kept=(b[-1],), recompute=i in recompute,
+                                                      kept_bytes=0, flops=0) for i, b in enumerate(blocks)))
+
+    validate_against_graph(plan("ab", "c", recompute=(0,)), graph(together=(("a", "b"),), pinned=frozenset("c")))
+    with pytest.raises(PlanMismatchError, match=r"in-place group a, b is split over segments \[0, 1\]"):
+        validate_against_graph(plan("a", "bc"), graph(together=(("a", "b"),)))
+    with pytest.raises(PlanMismatchError, match=r"node 'b' writes into an input or parameter but segment 0 would "
+                                                r"recompute it"):
+        validate_against_graph(plan("ab", "c", recompute=(0,)), graph(pinned=frozenset("b")))
+    with pytest.raises(PlanMismatchError, match=r"node 'b' is twice in segment 0"):
+        validate_against_graph(plan("abb", "c"), graph())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (a CPU input for a CUDA model)")
+@pytest.mark.parametrize("entry", [memplan.trace, memplan.simulate_step, memplan.plan])
+def test_input_on_the_wrong_device(entry):
+    net = TinyUNet3D(width=2).cuda()
+    with pytest.raises(MemplanError, match=r"(?s)1x1x8x8x8 float32 on cpu; parameters on cuda:0.*Fix: give the "
+                                           r"input shape, dtype and device") as info:
+        entry(net, torch.zeros(X))
+    assert "control flow" not in str(info.value)
