@@ -7,6 +7,7 @@ never a tracer's advice about control flow or a raw RuntimeError from inside a t
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import traceback
@@ -91,12 +92,12 @@ def input_failure(model: nn.Module, inputs: tuple, exc: BaseException) -> Mempla
         "pass several inputs as a tuple")
 
 
-def check_runs(model: nn.Module, inputs: tuple) -> None:
+def check_runs(model: nn.Module, inputs: tuple, *, real: bool = False) -> None:
     """Run ``model`` once on fake twins of ``inputs`` (no data, no compute, the model untouched).
 
-    A failure is the inputs' (shape, dtype, device) or the model's, reported as such. A forward that
-    reads tensor values cannot run on fakes: with real inputs that is left to the real run, with meta
-    inputs it is reported."""
+    A failure is the inputs' (shape, dtype, device) or the model's, reported as such. For a ``real``
+    step on real tensors a fake failure is confirmed by a real forward (forward may read tensor values,
+    which fakes do not have)."""
     world = FakeWorld(home_device(model, inputs))
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level, rng = fake_log.level, torch.get_rng_state()
@@ -106,25 +107,44 @@ def check_runs(model: nn.Module, inputs: tuple) -> None:
         with world.mode, torch.no_grad():
             twin(*fakes)
     except Exception as exc:  # noqa: BLE001 - reported with the model's own frame and the inputs
-        text = f"{type(exc).__name__}: {exc}"
-        if any(k in text for k in DATA_DEPENDENT):
-            if all(not t.is_meta and not is_fake(t) for t in tensors_in(inputs)):
-                return
+        if real and is_real(model, inputs):
+            return check_runs_for_real(model, inputs)
+        if any(k in f"{type(exc).__name__}: {exc}" for k in DATA_DEPENDENT):
             where = user_frame(exc)
             raise MemplanError(
-                f"{type(model).__name__} reads tensor values in forward{' at ' + where if where else ''}, which "
-                "meta inputs do not have. Fix: pass real example inputs, or decide from shapes or __init__ "
-                "arguments (torch.where instead of a Python `if` on a tensor)") from exc
+                f"{type(model).__name__} reads tensor values in forward{' at ' + where if where else ''}, which a "
+                "step on fake tensors (simulate_step, planning) does not have. Fix: decide from shapes or __init__ "
+                "arguments (torch.where instead of a Python `if` on a tensor), or measure the step for real with "
+                "memplan.measure_step") from exc
         raise input_failure(model, inputs, exc) from exc
     finally:
         fake_log.setLevel(level)
         torch.set_rng_state(rng)
 
 
-def check_model_and_inputs(model: Any, example_inputs: Any) -> None:
+def is_real(model: nn.Module, inputs: tuple) -> bool:
+    """True when no input, parameter or buffer is a meta or fake tensor: the step can run for real."""
+    tensors = tensors_in(inputs) + list(model.parameters()) + list(model.buffers())
+    return all(not t.is_meta and not is_fake(t) for t in tensors)
+
+
+def check_runs_for_real(model: nn.Module, inputs: tuple) -> None:
+    """One real forward of a copy of ``model`` without autograd (the model and the RNG state untouched)."""
+    rng = torch.get_rng_state()
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model)(*inputs)
+    except Exception as exc:  # noqa: BLE001 - reported with the model's own frame and the inputs
+        raise input_failure(model, inputs, exc) from exc
+    finally:
+        torch.set_rng_state(rng)
+
+
+def check_model_and_inputs(model: Any, example_inputs: Any, *, real: bool = False) -> None:
     """Everything a training step needs of its arguments: a module, tensor inputs it runs on, and a
-    parameter or input that requires grad; raises MemplanError naming the value and the fix."""
+    parameter or input that requires grad; raises MemplanError naming the value and the fix.
+    ``real``: the step will run on real tensors (measure_step), not on fakes (simulate_step)."""
     inputs = as_tuple(example_inputs)
     check_inputs(model, inputs)
     check_trainable(model, inputs)
-    check_runs(model, inputs)
+    check_runs(model, inputs, real=real)

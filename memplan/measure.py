@@ -244,7 +244,7 @@ def measure_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | N
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
     """
     import copy
-    check_model_and_inputs(model, example_inputs)
+    check_model_and_inputs(model, example_inputs, real=True)
     device = torch.device(device)
     if any(t.is_meta for t in tensors_in(as_tuple(example_inputs))):
         raise MemplanError("measure_step needs real example inputs, got meta tensors; use simulate_step to predict")

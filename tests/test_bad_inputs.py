@@ -19,7 +19,7 @@ from memplan.cli import EXIT_USAGE, main
 from memplan.errors import MemplanError, PlanFileError, PlanMismatchError
 from memplan.inputs import check_model_and_inputs
 from memplan.planfile import validate_against_graph, validate_plan_dict
-from tests.nets import TinyUNet3D
+from tests.nets import TinyUNet3D, ValueBranch
 
 X = (1, 1, 8, 8, 8)
 
@@ -56,6 +56,12 @@ def world(plan_dict, tmp_path) -> World:
 
 def no_params() -> nn.Module:
     return nn.Sequential(nn.ReLU(), nn.MaxPool3d(2))
+
+
+def value_branch() -> nn.Module:
+    """tests.nets.ValueBranch (an `if` on x.sum()), built without touching the global RNG."""
+    with torch.random.fork_rng():
+        return ValueBranch()
 
 
 def frozen(w: World) -> nn.Module:
@@ -152,6 +158,8 @@ CASES: list[tuple[str, Callable[[World], object], type, tuple[str, ...]]] = [
      ("1x1x5x5x5", "Fix: give the input shape")),
     ("measure meta", lambda w: memplan.measure_step(w.net, w.x.to("meta")), MemplanError,
      ("got meta tensors", "use simulate_step")),
+    ("simulate a value branch", lambda w: memplan.simulate_step(value_branch(), w.x), MemplanError,
+     (r"ValueBranch reads tensor values in forward at .*tests/nets\.py:\d+", "measure the step for real")),
     # -- nothing to train ------------------------------------------------------------------------------
     ("plan no parameters", lambda w: memplan.plan(no_params(), w.x), MemplanError,
      ("Sequential has nothing to train: it has no parameters", r"requires_grad=True")),
@@ -330,3 +338,20 @@ def test_input_on_the_wrong_device(entry):
                                            r"input shape, dtype and device") as info:
         entry(net, torch.zeros(X))
     assert "control flow" not in str(info.value)
+
+
+def test_a_value_branch_is_measured_for_real():
+    """measure_step runs for real, so a forward that reads values passes its input check and is measured:
+    the same peak as the branch's twin without the `if` (the branch taken by x > 0)."""
+    torch.manual_seed(0)
+    net, x = ValueBranch(), torch.rand(1, 1, 8, 8, 8) + 0.1
+
+    class Taken(nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(x) * 2
+
+    assert memplan.measure_step(net, x).peak_bytes == memplan.measure_step(Taken(net.conv), x).peak_bytes
