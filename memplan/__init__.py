@@ -9,7 +9,7 @@ trace -> plan -> rewrite -> measure:
 (2, '1.00 MiB')
 """
 from .api import compile, plan
-from .errors import BudgetError, MemplanError, PlanMismatchError, TraceError
+from .errors import BudgetError, MemplanError, PlanFileError, PlanMismatchError, TraceError
 from .graph import MemGraph, NodeInfo
 from .measure import MemoryReport, measure_step, simulate_step
 from .plan import Plan, RevReplacementRecord, Segment
@@ -22,7 +22,7 @@ register_leaf(is_reversible_leaf)   # a reversible block is one node of the grap
 __version__ = "0.1.0"
 
 __all__ = [
-    "BudgetError", "MemplanError", "PlanMismatchError", "TraceError",
+    "BudgetError", "MemplanError", "PlanFileError", "PlanMismatchError", "TraceError",
     "MemGraph", "NodeInfo", "MemoryReport",
     "Plan", "Segment", "RevReplacementRecord", "ReversibleBlock", "plan", "compile",
     "trace", "register_leaf", "simulate_step", "measure_step",

@@ -14,6 +14,7 @@ from .errors import BudgetError, MemplanError
 from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
 from .measure import simulate_step
 from .plan import Plan, PlanOptions, check_plan, plan_graph, resolve_budget, with_simulation
+from .inputs import check_inputs
 from .planned import unwrap
 from .rewrite import compile_module, rewrite
 from .trace import trace
@@ -129,6 +130,8 @@ def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer
     Without: the smallest feasible peak, then the least recompute for it. Node times are FLOPs
     unless ``times`` is a dict (node name -> seconds) or "measured" (timed on the CPU here).
     """
+    check_inputs(model, as_tuple(example_inputs))
+    model = unwrap(model)
     if rev:
         from .rev_plan import plan_with_rev
         return plan_with_rev(model, example_inputs, budget=budget, optimizer=optimizer, method=method,
@@ -176,6 +179,7 @@ def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimi
     parameters and buffers, so ``model.state_dict()`` stays the checkpoint format.
     """
     inputs = as_tuple(example_inputs)
+    check_inputs(model, inputs)
     model = unwrap(model)
     if rev and plan is not None:
         raise MemplanError("compile(rev=True) plans REV itself; pass either rev=True or plan=, not both "

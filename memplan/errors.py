@@ -26,3 +26,7 @@ class BudgetError(MemplanError):
 
 class PlanMismatchError(MemplanError):
     """A saved plan was made for a different graph than the model given."""
+
+
+class PlanFileError(MemplanError):
+    """A saved plan is malformed: not a JSON object, a missing, unknown or mistyped field."""

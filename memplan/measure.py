@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._meta import FakeWorld, as_tuple, home_device, is_fake, storage_key, tensors_in
 from .errors import MemplanError
+from .inputs import check_model_and_inputs
 
 OPTIMIZERS = ("adam", "sgd", "sgd-momentum", "none")
 SCRATCH_MODELS = ("none", "cpu")
@@ -198,6 +199,7 @@ def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | 
     >>> r.peak_bytes // 1000                                # weights + grad + io
     8004
     """
+    check_model_and_inputs(model, example_inputs)
     if scratch not in SCRATCH_MODELS:
         raise MemplanError(f"unknown scratch model {scratch!r}; choose one of {SCRATCH_MODELS}")
     if optimizer not in OPTIMIZERS:
@@ -242,6 +244,7 @@ def measure_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | N
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
     """
     import copy
+    check_model_and_inputs(model, example_inputs, real=True)
     device = torch.device(device)
     if any(t.is_meta for t in tensors_in(as_tuple(example_inputs))):
         raise MemplanError("measure_step needs real example inputs, got meta tensors; use simulate_step to predict")

@@ -16,6 +16,7 @@ from .errors import BudgetError, MemplanError, PlanMismatchError
 from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
 from .kusumoto import Family, least_time, min_budget
 from .measure import OPTIMIZERS
+from .planfile import validate_against_graph, validate_plan_dict
 from .segtable import segment_rows
 from .units import format_bytes, parse_bytes
 
@@ -80,18 +81,18 @@ class Plan:
     def from_json(text_or_path: str | Path) -> "Plan":
         """Read a plan from JSON text or a file path."""
         text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
+        if not text.lstrip().startswith(("{", "[")):
             p = Path(text)
-            if not p.is_file():
-                raise MemplanError(f"plan file {p} does not exist; write one with Plan.to_json(path) "
-                                   "or `memplan optimize ... --out plan.json`")
-            text = p.read_text()
+            try:
+                text = p.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise MemplanError(f"plan file {str(p)[:200]} does not exist or cannot be read ({type(exc).__name__}); "
+                                   "write one with Plan.to_json(path) or `memplan optimize ... --out plan.json`") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
             raise MemplanError(f"plan is not valid JSON ({exc}); regenerate it with `memplan optimize --out`") from exc
-        if d.get("format") != PLAN_FORMAT:
-            raise MemplanError(f"plan format {d.get('format')!r} is not {PLAN_FORMAT}; regenerate the plan")
+        validate_plan_dict(d, Plan)     # every field and its type, before anything reads it
         d["segments"] = tuple(Segment(**{**s, "nodes": tuple(s["nodes"]), "kept": tuple(s["kept"])})
                               for s in d["segments"])
         d["rev"] = tuple(RevReplacementRecord(**{**r, "replaced": tuple(r["replaced"])}) for r in d.get("rev", ()))
@@ -228,15 +229,13 @@ def plan_graph(graph: MemGraph, opts: PlanOptions, *, scratch: dict[str, int] | 
 
 
 def check_plan(plan: Plan, graph: MemGraph) -> None:
-    """Raise PlanMismatchError unless ``plan`` was made for ``graph`` and partitions its nodes."""
+    """Raise PlanMismatchError unless ``plan`` was made for ``graph`` and is a chain of it (planfile.py)."""
     fp = graph.fingerprint()
     if plan.fingerprint != fp:
         raise PlanMismatchError(
             f"plan was made for graph {plan.fingerprint} but this model traces to {fp} (a different network, "
             "input shape or dtype); re-plan with memplan.plan(model, example_inputs)")
-    seen = [n for s in plan.segments for n in s.nodes]
-    if sorted(seen) != sorted(graph.order):
-        raise PlanMismatchError("plan segments do not partition the graph's nodes; re-plan")
+    validate_against_graph(plan, graph)
 
 
 def with_simulation(plan: Plan, simulated: int, vanilla: int | None = None) -> Plan:

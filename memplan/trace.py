@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import tempfile
-import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -34,6 +33,8 @@ from .analyze import analyze
 from .bnfreeze import restored_buffers
 from .errors import MemplanError, TraceError
 from .graph import MemGraph
+from .inputs import DATA_DEPENDENT as _DATA_DEPENDENT, check_inputs, user_frame
+from .inputs import describe_inputs as _describe
 from .outofplace import rewrite_out_of_place
 from .planned import unwrap
 
@@ -258,24 +259,6 @@ def _clones(inputs: tuple) -> tuple:
 
 
 # -- errors ----------------------------------------------------------------------------------------
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_MEMPLAN_DIR = os.path.dirname(__file__)
-
-
-def user_frame(exc: BaseException) -> str:
-    """'file:line' of the innermost traceback frame in the model's own code (not torch's, not memplan's)."""
-    where = ""
-    for frame in traceback.extract_tb(exc.__traceback__):
-        f = frame.filename
-        if f.startswith(_TORCH_DIR) or f.startswith(_MEMPLAN_DIR) or f.startswith("<"):
-            continue
-        where = f"{f}:{frame.lineno}"
-    return where
-
-
-_DATA_DEPENDENT = ("DataDependent", "GuardOnDataDependent", "data-dependent", "data dependent")
-
-
 def fix_for(exc: BaseException, where: str) -> str:
     """A fix that fits the construct behind ``exc``."""
     text = f"{type(exc).__name__}: {exc}"
@@ -313,26 +296,6 @@ def _trace_error_message(model: nn.Module, attempts: list[TraceAttempt]) -> str:
                             "submodule and call memplan.register_leaf(lambda m: isinstance(m, ThatModule)) so it "
                             "becomes one opaque node."))
     return "\n".join(lines)
-
-
-def _describe(inputs: tuple) -> str:
-    return ", ".join(f"{'x'.join(map(str, t.shape))} {str(t.dtype).replace('torch.', '')} on {t.device}"
-                     if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs) or "no inputs"
-
-
-def check_inputs(model: Any, inputs: tuple) -> None:
-    """Refuse what is not a module or not tensors before tracing, with a message that says so."""
-    if not isinstance(model, nn.Module):
-        raise MemplanError(f"model must be a torch.nn.Module, got {type(model).__name__}; pass the network "
-                           "instance (e.g. MyNet()), not its class or its output")
-    bad = [type(x).__name__ for x in tree_flatten(inputs)[0]
-           if not isinstance(x, (torch.Tensor, int, float, bool, str, type(None)))]
-    if bad:
-        raise MemplanError(f"example inputs must be tensors (or a tuple of them), got {', '.join(bad)}; "
-                           "pass e.g. torch.empty(1, 1, 96, 96, 96, device='meta')")
-    if not tensors_in(inputs):
-        raise MemplanError("example inputs hold no tensor; pass the input batch, e.g. "
-                           "torch.empty(1, 1, 96, 96, 96, device='meta')")
 
 
 def _eager_run(model: nn.Module, inputs: tuple, world: FakeWorld, fake_inputs: tuple) -> _Run:
