@@ -114,15 +114,18 @@ class _Context:
         node_of = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_module"}
         return graph, reps, {r.name: node_of[r.new_module] for r in reps}
 
-    def costs(self, graph: MemGraph, pinned: frozenset[str], freed: frozenset[str] = frozenset()) -> CostArrays:
-        """Cost vectors of a substituted graph; a storage a block frees after forward is kept by nobody."""
+    def costs(self, graph: MemGraph, pinned: frozenset[str], freed: frozenset[str] = frozenset(),
+              rev_nodes: frozenset[str] = frozenset()) -> CostArrays:
+        """Cost vectors of a substituted graph. A storage a block frees after forward is kept by nobody;
+        a block's backward re-runs F and G with autograd on C/2 channels (conv and ReLU outputs, and a
+        gradient, each half the block's output): about its output's bytes of working memory on top."""
         o = self.options
         costs = build_costs(graph, optimizer=o.optimizer.value, scratch=node_scratch(graph, o.scratch.value),
                             times=o.times, pinned=pinned)
-        if not freed:
-            return costs
-        mask = np.array([name in freed for name in graph.order])
-        return dataclasses.replace(costs, needed_b=np.where(mask, 0.0, costs.needed_b))
+        freed_mask = np.array([name in freed for name in graph.order], dtype=bool)
+        rev_mask = np.array([name in rev_nodes for name in graph.order], dtype=bool)
+        return dataclasses.replace(costs, needed_b=np.where(freed_mask, 0.0, costs.needed_b),
+                                   scratch_b=costs.scratch_b + np.where(rev_mask, costs.out_b, 0.0))
 
     def simulate(self, module: nn.Module) -> int:
         return simulated_peak(module, self.options)
@@ -234,7 +237,7 @@ def _rate(ctx: _Context, label: str, names: Sequence[str], segments: Sequence[Se
     why = chain_violation(graph, segs)
     if why:
         return why
-    plan = _plan_from_segments(ctx, graph, segs, base, ctx.costs(graph, pinned))
+    plan = _plan_from_segments(ctx, graph, segs, base, ctx.costs(graph, pinned, rev_nodes=frozenset(rev_node.values())))
     flags = free_input_flags(ctx.chosen(names), plan, rev_node)
     return _finish(ctx, label, names, flags, graph, plan, reps, rev_node, pinned)
 
@@ -245,9 +248,10 @@ def _finish(ctx: _Context, label: str, names: Sequence[str], flags: Mapping[str,
     """Re-analyse with the free_input flags (when any is set) and rate the result by the cost model."""
     if any(flags.values()):
         graph, _, _ = ctx.substitute(names, flags)
-        freed = _freed_nodes(ctx.chosen(names), flags, rev_node)
-        plan = _plan_from_segments(ctx, graph, [s.nodes for s in plan.segments], plan,
-                                   ctx.costs(graph, pinned, freed))
+    freed = _freed_nodes(ctx.chosen(names), flags, rev_node)
+    plan = _plan_from_segments(ctx, graph, [s.nodes for s in plan.segments], plan,
+                               ctx.costs(graph, pinned, freed, frozenset(rev_node.values())))
+    if any(flags.values()):
         again = free_input_flags(ctx.chosen(names), plan, rev_node)
         if again != dict(flags):
             raise AssertionError(f"free_input flags changed when the graph was re-analysed: {dict(flags)} -> {again}")
@@ -259,7 +263,8 @@ def _finish(ctx: _Context, label: str, names: Sequence[str], flags: Mapping[str,
 
 def _greedy(ctx: _Context, start: RevOutcome, label: str) -> tuple[RevOutcome, list[str]]:
     """FetusMapV2 step 3 by the cost model: each candidate in graph order, on top of those accepted, kept
-    when the converted partition is valid and the predicted peak drops. The result and a line per rejection."""
+    when the converted partition is valid and the predicted peak does not rise. The result and a line
+    per rejection."""
     best, log = start, []
     segments = [s.nodes for s in start.plan.segments]
     base = start.plan
@@ -267,8 +272,8 @@ def _greedy(ctx: _Context, start: RevOutcome, label: str) -> tuple[RevOutcome, l
         trial = _rate(ctx, label, [*best.names, c.name], segments, base)
         if isinstance(trial, str):
             log.append(f"REV {c.name} not replaced: the converted partition is invalid ({trial})")
-        elif trial.predicted_peak_bytes < best.predicted_peak_bytes:
-            best = trial
+        elif trial.predicted_peak_bytes <= best.predicted_peak_bytes:
+            best = trial                     # ties too: a chain of blocks pays off only together
         else:
             log.append(f"REV {c.name} not replaced: the cost model's peak would not drop "
                        f"({format_bytes(best.predicted_peak_bytes)} -> {format_bytes(trial.predicted_peak_bytes)})")
@@ -300,6 +305,17 @@ def _ranking(budget: int | None) -> Callable[[RevOutcome], tuple]:
     return lambda o: (0, o.overhead, o.peak_bytes) if o.peak_bytes <= budget else (1, o.peak_bytes, o.overhead)
 
 
+def _better(ctx: _Context, o: RevOutcome, than: RevOutcome) -> bool:
+    """Whether ``o`` rates better than ``than`` by more than the cost model's noise: a tenth of the gain REV
+    must bring (``rev_min_gain``) in peak, or under a budget that both meet, in recompute."""
+    eps, budget = ctx.options.rev_min_gain / 10, ctx.options.budget_bytes
+    if budget is not None and o.peak_bytes <= budget and than.peak_bytes <= budget:
+        return o.overhead < than.overhead - eps
+    if budget is not None and (o.peak_bytes <= budget) != (than.peak_bytes <= budget):
+        return o.peak_bytes <= budget
+    return o.peak_bytes < (1 - eps) * than.peak_bytes
+
+
 def _fmt(o: RevOutcome) -> str:
     if o.simulated_peak_bytes is None:
         return f"cost model {format_bytes(o.predicted_peak_bytes)}, overhead {o.overhead:.1%}"
@@ -307,11 +323,13 @@ def _fmt(o: RevOutcome) -> str:
             f"{format_bytes(o.predicted_peak_bytes)}), overhead {o.overhead:.1%}")
 
 
-def _joint_stage(ctx: _Context, names: Sequence[str]) -> tuple[list[RevOutcome], list[str]]:
+def _joint_stage(ctx: _Context, heuristic: RevOutcome) -> tuple[list[RevOutcome], list[str]]:
     """The heuristic's set re-planned by the DP with REV pinned, and unpinned; then (``rev_search``) each
     candidate in graph order toggled in or out of the set, re-planned the better way, kept when it
-    rates better. All by the cost model. The outcomes and a note per figure."""
+    rates better than the best so far (the heuristic's at first). All by the cost model. The outcomes
+    and a note per figure."""
     rank = _ranking(ctx.options.budget_bytes)
+    names = heuristic.names
     done: dict[bool, RevOutcome] = {}
     notes = []
     for pin in (True, False) if names else ():
@@ -322,22 +340,21 @@ def _joint_stage(ctx: _Context, names: Sequence[str]) -> tuple[list[RevOutcome],
             done[pin] = o
     if not names:
         notes.append("joint re-plan: not run (the heuristic replaced nothing)")
-    best = min(done.values(), key=rank, default=None)
+    best = min([heuristic, *done.values()], key=rank)
     found = list(done.values())
     if ctx.options.rev_search:
-        pin = best.pinned if best is not None else True
+        pin = best.pinned
         current = set(names)
         for c in ctx.candidates:
             trial = [d.name for d in ctx.chosen(current ^ {c.name})]
             if not trial:
                 continue
             o = _joint(ctx, trial, pin=pin, calibrate=False, label=f"joint search ({len(trial)} REV)")
-            if isinstance(o, RevOutcome) and (best is None or rank(o) < rank(best)):
+            if isinstance(o, RevOutcome) and _better(ctx, o, best):
                 best, current = o, set(trial)
                 found.append(o)
         notes.append(f"joint search (a DP re-plan per candidate toggled): {len(found) - len(done)} improvement(s)"
-                     + (f", best {len(best.names)} REV: {_fmt(best)}" if best is not None and best not in done.values()
-                        else ""))
+                     + (f", best {len(best.names)} REV: {_fmt(best)}" if best in found[len(done):] else ""))
     return found, notes
 
 
@@ -430,9 +447,16 @@ def compare_graph(graph: MemGraph, options: PlanOptions) -> RevComparison:
                                 simulated_peak_bytes=None)
     heuristic, log = _greedy(ctx, start, "FetusMapV2 heuristic")
     lap("heuristic (cost model)")
-    joint, joint_notes = _joint_stage(ctx, heuristic.names)
+    joint, joint_notes = _joint_stage(ctx, heuristic)
+    every = [c.name for c in ctx.candidates]
+    unplanned = dataclasses.replace(gcp.plan, segments=(), objective="memory-centric (REV only)")
+    wholes = [o for o in (_rate(ctx, "every pass, GCP partition", every, [s.nodes for s in gcp.plan.segments],
+                                gcp.plan),
+                          _rate(ctx, "every pass, no checkpoint (REV only)", every, [(n,) for n in graph.order],
+                                unplanned)) if every and isinstance(o, RevOutcome)]
+    joint_notes += [f"{o.label} ({len(o.names)} REV): {_fmt(o)}" for o in wholes]
     lap("joint re-plan (cost model)")
-    finalists, final_notes = _finalists(ctx, [heuristic, *joint])
+    finalists, final_notes = _finalists(ctx, [heuristic, *joint, *wholes])
     lap("finalists (simulated)")
     rank = _ranking(options.budget_bytes)
     best = min([gcp, *finalists], key=rank)
@@ -539,7 +563,8 @@ def _plan_rev_only(graph: MemGraph, options: PlanOptions) -> tuple[Plan, MemGrap
 
 def estimate_rev_reach(graph: MemGraph, options: PlanOptions, floor_bytes: int) -> int | None:
     """What GCP+REV would reach, cheaply: FetusMapV2's heuristic and one pinned DP re-plan on the
-    least-memory GCP plan, rated by the cost model only (no search, no simulation); their predicted
+    least-memory GCP plan, and REV only on the unplanned network, rated by the cost model only (no
+    search, no simulation); the best predicted
     peak relative to the GCP plan's, times ``floor_bytes`` (GCP's simulated floor). None without a candidate."""
     opts = dataclasses.replace(options, method=options.dp.value, budget_bytes=None, simulate=False,
                                pinned=frozenset(), rev_search=False)
@@ -556,6 +581,10 @@ def estimate_rev_reach(graph: MemGraph, options: PlanOptions, floor_bytes: int) 
     if heuristic.names:
         joint = _joint(ctx, heuristic.names, pin=True, calibrate=False, label="estimate")
         outcomes += [joint] if isinstance(joint, RevOutcome) else []
+    unplanned = _plan_from_segments(ctx, graph, [(n,) for n in graph.order], gcp, ctx.costs(graph, frozenset()))
+    rev_only, _ = _greedy(ctx, dataclasses.replace(start, plan=unplanned,
+                                                   predicted_peak_bytes=int(unplanned.predicted_peak_bytes)), "estimate")
+    outcomes += [rev_only] if rev_only.names else []
     best = min(o.predicted_peak_bytes for o in outcomes)
     return int(floor_bytes * best / max(start.predicted_peak_bytes, 1))
 
