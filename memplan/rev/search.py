@@ -117,15 +117,16 @@ class _Context:
     def costs(self, graph: MemGraph, pinned: frozenset[str], freed: frozenset[str] = frozenset(),
               rev_nodes: frozenset[str] = frozenset()) -> CostArrays:
         """Cost vectors of a substituted graph. A storage a block frees after forward is kept by nobody;
-        a block's backward re-runs F and G with autograd on C/2 channels (conv and ReLU outputs, and a
-        gradient, each half the block's output): about its output's bytes of working memory on top."""
+        a block's backward re-runs F and G with autograd on C/2 channels: at their BatchNorm backward the
+        conv and ReLU outputs and two gradients are alive, four halves of the block's output, so twice its
+        output's bytes of working memory on top of the cost model's."""
         o = self.options
         costs = build_costs(graph, optimizer=o.optimizer.value, scratch=node_scratch(graph, o.scratch.value),
                             times=o.times, pinned=pinned)
         freed_mask = np.array([name in freed for name in graph.order], dtype=bool)
         rev_mask = np.array([name in rev_nodes for name in graph.order], dtype=bool)
         return dataclasses.replace(costs, needed_b=np.where(freed_mask, 0.0, costs.needed_b),
-                                   scratch_b=costs.scratch_b + np.where(rev_mask, costs.out_b, 0.0))
+                                   scratch_b=costs.scratch_b + np.where(rev_mask, 2 * costs.out_b, 0.0))
 
     def simulate(self, module: nn.Module) -> int:
         return simulated_peak(module, self.options)
@@ -378,7 +379,7 @@ def _finalists(ctx: _Context, outcomes: Sequence[RevOutcome]) -> tuple[list[RevO
     rank = _ranking(ctx.options.budget_bytes)
     seen, picked = set(), []
     for o in sorted((o for o in outcomes if o.names), key=rank):
-        key = (o.names, tuple(s.nodes for s in o.plan.segments), o.replanned, o.pinned)
+        key = (o.names, tuple((s.nodes, s.recompute) for s in o.plan.segments), o.free_input)
         if key not in seen and len(picked) < FINALISTS:
             seen.add(key)
             picked.append(o)
