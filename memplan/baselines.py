@@ -9,9 +9,11 @@ wrapping it in ``torch.utils.checkpoint`` would).
 >>> g = memplan.trace(net, torch.empty(2, 3, device="meta"))
 >>> [len(s.nodes) for s in plan_chen(g, PlanOptions(method="chen", simulate=False)).segments]
 [3, 3, 1, 1, 1]
->>> p = plan_hand(g, PlanOptions(method="hand", checkpoint_modules=("2", "3"), simulate=False))
->>> [(s.nodes, s.recompute) for s in p.segments][1:4]
-[(('_1',), False), (('_2', '_3'), True), (('_4',), False)]
+>>> block = torch.nn.Sequential(*[torch.nn.Tanh() for _ in range(3)])
+>>> g = memplan.trace(torch.nn.Sequential(torch.nn.Tanh(), block, torch.nn.Tanh()), torch.empty(2, 3, device="meta"))
+>>> p = plan_hand(g, PlanOptions(method="hand", checkpoint_modules=("1",), simulate=False))
+>>> [(s.nodes, s.recompute) for s in p.segments]
+[(('_0',), False), (('_1_0', '_1_1', '_1_2'), True), (('_2',), False)]
 """
 from __future__ import annotations
 
