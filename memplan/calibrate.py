@@ -2,8 +2,9 @@
 cost-model planner's plan and, under a budget, moves the planner's internal budget by the
 simulation's error until the simulated step fits.
 
-Feasibility is monotone in the budget: whenever tightening fails, the least-memory plan is tried,
-so every budget at or above its simulated peak is accepted.
+Feasibility is monotone in the budget: whenever tightening fails, the least-memory plan is tried
+(and, where the cost model misjudged it, the plan that recomputes nothing), so every budget at or
+above the lower of their simulated peaks is accepted.
 """
 from __future__ import annotations
 
@@ -74,18 +75,26 @@ def fit_to_budget(planner: CostPlanner, graph: MemGraph, options: PlanOptions) -
     if best is not None:
         return best
     least = rated(graph, planner(graph, dataclasses.replace(options, budget_bytes=None)), options, vanilla)
-    sim = int(least.simulated_peak_bytes)
-    if sim > budget:
+    fallbacks = [least]
+    if least.simulated_peak_bytes > budget:      # the cost model can be wrong the other way: recompute nothing
+        try:
+            fallbacks.append(rated(graph, at(least.vanilla_peak_bytes), options, vanilla))
+        except BudgetError:
+            pass
+    fitting = [p for p in fallbacks if p.simulated_peak_bytes <= budget]
+    if not fitting:
+        sim = min(int(p.simulated_peak_bytes) for p in fallbacks)
         b_text, f_text = bytes_pair(budget, sim)
         raise BudgetError(
             f"budget {b_text} is below the smallest feasible peak {f_text} (the least-memory plan, simulated; "
             f"optimizer {options.optimizer.value}); raise the budget to at least {format_bytes(sim)} ({sim} B), "
             "use a smaller input or batch, or a lighter optimizer",
             budget_bytes=budget, min_feasible_bytes=sim)
-    note = (f"budget {format_bytes(budget)} is met by the least-memory plan (simulated {format_bytes(sim)}); "
-            "tighter time-centric plans did not fit")
-    return dataclasses.replace(least, budget_bytes=budget, objective=Objective.TIME.value,
-                               notes=least.notes + (note,))
+    chosen = min(fitting, key=lambda p: p.predicted_overhead)
+    note = (f"budget {format_bytes(budget)} is met by the {'least-memory' if chosen is least else 'recompute-nothing'} "
+            f"plan (simulated {format_bytes(chosen.simulated_peak_bytes)}); tighter time-centric plans did not fit")
+    return dataclasses.replace(chosen, budget_bytes=budget, objective=Objective.TIME.value,
+                               notes=chosen.notes + (note,))
 
 
 def _calibrated(first: Plan, budget: int, simulated: Callable[[Plan], Plan],

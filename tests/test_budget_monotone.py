@@ -1,6 +1,6 @@
 """Feasibility is monotone in the budget: every budget at or above the least-memory plan's simulated
-peak is accepted with a plan whose simulated step fits it; a refused budget lies below that peak and
-the error names it (issue 15)."""
+peak is accepted with a plan whose simulated step fits it; a refused budget lies below that peak, and
+the smallest feasible peak the error names is itself accepted (issue 15)."""
 import functools
 
 import pytest
@@ -69,7 +69,9 @@ def test_every_budget_from_the_least_peak_up_is_accepted(data, which, scratch, f
         try:
             plan = memplan.plan(net, x, budget=budget, scratch=scratch)
         except BudgetError as err:
-            assert err.min_feasible_bytes == least and err.budget_bytes == budget
+            assert budget < err.min_feasible_bytes <= least and err.budget_bytes == budget
+            advised = memplan.plan(net, x, budget=err.min_feasible_bytes, scratch=scratch)   # the advice works
+            assert advised.simulated_peak_bytes <= err.min_feasible_bytes
         else:                                       # a plan below the least-memory one's peak may exist; it must fit
             assert plan.simulated_peak_bytes <= budget
 
