@@ -95,3 +95,29 @@ def test_budget_error_prints_exact_bytes_when_the_rounded_figures_agree():
     assert f"budget {memplan.format_bytes(least - 1)} ({least - 1:,} B) is below the smallest feasible peak " \
            f"{memplan.format_bytes(least)} ({least:,} B)" in text
     assert bytes_pair(1, 2**30) == ("1 B", "1.00 GiB")            # distinct texts stay short
+
+
+def test_an_optimistic_cost_model_cannot_refuse_a_budget_the_least_plan_meets():
+    """A cost model that believes 40% more memory is available than the budget (so calibration tightens
+    into the DP's floor) still gets every budget from the least plan's simulated peak up."""
+    import dataclasses
+
+    from memplan.calibrate import fit_to_budget
+    from memplan.kusumoto import dp_plan
+    from memplan.options import plan_options
+
+    def optimistic(graph, options):
+        if options.budget_bytes is None:
+            return dp_plan(graph, options)
+        return dp_plan(graph, dataclasses.replace(options, budget_bytes=int(options.budget_bytes * 1.4)))
+
+    net, shape = _net("unet")
+    x = torch.empty(shape, device="meta")
+    graph = memplan.trace(net, x)
+    least, vanilla = _least_and_vanilla("unet", "cpu")
+    for budget in (least, least + (vanilla - least) // 4):
+        plan = fit_to_budget(optimistic, graph, plan_options(net, (x,), budget=budget))
+        assert plan.simulated_peak_bytes <= budget
+    with pytest.raises(BudgetError) as info:
+        fit_to_budget(optimistic, graph, plan_options(net, (x,), budget=least - 1))
+    assert info.value.min_feasible_bytes == least
