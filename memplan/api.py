@@ -5,6 +5,7 @@ Keyword arguments build one :class:`~memplan.options.PlanOptions`; the planner i
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from .planners import plan_graph
 from .rev.search import estimate_rev_reach, rebuild_rev_graph
 from .rewrite import rewrite
 from .trace import trace
-from .units import format_bytes
+from .units import format_bytes, parse_bytes
 
 
 def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "adam", method: str = "auto",
@@ -30,7 +31,6 @@ def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "ada
                    pinned: frozenset[str] = frozenset()) -> Plan:
     """Plan an already traced graph with keyword options (the older spelling of
     ``plan_graph(graph, PlanOptions(...))``)."""
-    from .units import parse_bytes
     options = PlanOptions(method=method, budget_bytes=None if budget is None else parse_bytes(budget),
                           optimizer=optimizer, scratch=scratch, lower_set_bound=lower_set_bound, times=times,
                           pinned=pinned, simulate=simulate, example_inputs=as_tuple(example_inputs), loss_fn=loss_fn)
@@ -58,7 +58,6 @@ def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer
         from .analyze import measure_node_times
         times = measure_node_times(graph.gm, inputs)
     if times is not None:
-        import dataclasses
         options = dataclasses.replace(options, times=times)
     return _planned(graph, options)
 

@@ -17,7 +17,7 @@ Keeping the least kept memory per (L, t) is exact because every later block's pe
 from __future__ import annotations
 
 import math
-import time as _time
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -100,8 +100,8 @@ class Family:
         inner = np.where(v, here, -np.inf).max(axis=1) if len(targets) else np.zeros(0)
         peak = keep + self.pending[targets] - own.astype(np.float64) @ c.out_b + inner
         peak = np.where(recompute & (v & c.pinned[None, :]).any(axis=1), np.inf, peak)
-        time = np.where(recompute, vf @ c.flops, 0.0)
-        tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=time, recompute=recompute)
+        recompute_time = np.where(recompute, vf @ c.flops, 0.0)
+        tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=recompute_time, recompute=recompute)
         self._cache[a] = tr
         return tr
 
@@ -197,8 +197,8 @@ def least_time(family: Family, budget: float, *, time_steps: int = 1000) -> DPRe
         chain.append(family.masks[s])
         s, t = int(par_set[s, t]), int(par_t[s, t])
     chain.reverse()
-    peak, time = chain_cost(c, chain)
-    return DPResult(chain=tuple(chain), peak_bytes=peak, time=time)
+    peak, recompute_time = chain_cost(c, chain)
+    return DPResult(chain=tuple(chain), peak_bytes=peak, time=recompute_time)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def choose_family(graph: MemGraph, costs: CostArrays, opts: PlanOptions) -> tupl
 def dp_plan(graph: MemGraph, opts: PlanOptions) -> Plan:
     """The DP's plan by the cost model alone: time-centric under ``opts.budget_bytes``, else memory-centric.
     ``opts.pinned`` nodes are never recomputed; BudgetError below the cost model's floor."""
-    t0 = _time.perf_counter()
+    t0 = time.perf_counter()
     costs = build_costs(graph, optimizer=opts.optimizer.value, scratch=node_scratch(graph, opts.scratch.value),
                         times=opts.times, pinned=opts.pinned)
     family, method, why, count = choose_family(graph, costs, opts)
@@ -259,12 +259,12 @@ def dp_plan(graph: MemGraph, opts: PlanOptions) -> Plan:
         budget_bytes=opts.budget_bytes, objective=opts.objective.value,
         method=method, method_reason=why, lower_set_count=count, fingerprint=graph.fingerprint(),
         optimizer=opts.optimizer.value, static_bytes=costs.static_bytes,
-        planning_time_s=_time.perf_counter() - t0, notes=graph.trace_notes)
+        planning_time_s=time.perf_counter() - t0, notes=graph.trace_notes)
 
 
 def plan_kusumoto(graph: MemGraph, options: PlanOptions) -> Plan:
     """Registered as "auto", "exact" and "approx": :func:`dp_plan`, checked and calibrated by simulation
     (memplan.calibrate.fit_to_budget) unless ``options.simulate`` is False."""
-    t0 = _time.perf_counter()
+    t0 = time.perf_counter()
     plan = fit_to_budget(dp_plan, graph, options) if options.simulate else dp_plan(graph, options)
-    return replace(plan, planning_time_s=_time.perf_counter() - t0)
+    return replace(plan, planning_time_s=time.perf_counter() - t0)

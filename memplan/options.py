@@ -23,6 +23,7 @@ from torch import nn
 from .errors import MemplanError
 from .graph import DEFAULT_LOWER_SET_BOUND
 from .registry import lookup
+from .units import parse_bytes
 
 
 class Optimizer(str, Enum):
@@ -151,7 +152,6 @@ def plan_options(model: nn.Module, example_inputs: tuple, *, budget: Any = None,
                  simulate: bool = True, times: Mapping[str, float] | None = None, **more: Any) -> PlanOptions:
     """The options ``memplan.plan``'s keyword arguments stand for. ``rev=True`` with a DP method
     ("auto"/"exact"/"approx") is the "rev" planner re-planning with that DP; ``more`` sets other fields."""
-    from .units import parse_bytes
     if not isinstance(rev, bool):
         raise MemplanError(f"rev must be True or False, got {rev!r}")
     if rev:

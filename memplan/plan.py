@@ -9,13 +9,12 @@ import json
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from .costmodel import CostArrays, block_cost
 from .errors import MemplanError, PlanMismatchError
 from .graph import MemGraph
 from .options import PlanOptions  # noqa: F401 - re-exported: memplan.plan.PlanOptions is the old home
-from .units import format_bytes, parse_bytes
+from .units import format_bytes
 
 PLAN_FORMAT = 1
 #: Plans written before the seed was a field of each REV record carried it in a note.
@@ -180,9 +179,3 @@ def check_plan(plan: Plan, graph: MemGraph) -> None:
 def with_simulation(plan: Plan, simulated: int, vanilla: int | None = None) -> Plan:
     return replace(plan, simulated_peak_bytes=int(simulated),
                    simulated_vanilla_peak_bytes=None if vanilla is None else int(vanilla))
-
-
-def resolve_budget(budget: Any) -> int | None:
-    """None, bytes, or a string like '12GB' -> bytes."""
-    return None if budget is None else parse_bytes(budget)
-

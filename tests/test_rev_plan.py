@@ -292,3 +292,27 @@ def test_chain_violation_rejects_reordering_a_three_reader_gradient_sum():
     assert chain_violation(graph, [("stem", "a", "b"), ("add", "c", "add_1")]) == ""
     assert chain_violation(graph, [("stem", "c"), ("a", "b", "add", "add_1")]) == \
         "segment 0 would reorder the gradient sum of a value read 3 or more times"
+
+
+def test_old_plan_json_with_the_seed_in_a_note_loads_and_rebuilds_the_same_weights():
+    import json
+
+    torch.manual_seed(0)
+    net, x = chain_net(channels=4, layers=2), torch.empty(1, 1, 12, 12, 12, **META)
+    graph = memplan.trace(net, x)
+    plan = memplan.plan_graph(graph, plan_options(net, (x,), method="rev-only", rev_seed=3))
+    assert [r.seed for r in plan.rev] == [3, 3]
+    old = json.loads(plan.to_json())                       # as memplan wrote it before the seed was a field
+    for r in old["rev"]:
+        del r["seed"]
+    old["notes"] = [*old["notes"], "REV seed=3"]
+    loaded = Plan.from_json(json.dumps(old))
+    assert loaded == plan                                  # the note became the field
+    fresh = rebuild_rev_graph(net, x, plan).gm
+    again = rebuild_rev_graph(net, x, loaded).gm
+    for (name, p), q in zip(fresh.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name
+    other_seed = rebuild_rev_graph(net, x, dataclasses.replace(plan, rev=tuple(
+        dataclasses.replace(r, seed=4) for r in plan.rev))).gm
+    assert not torch.equal(other_seed.get_submodule(plan.rev[0].new_module).f[0].weight,
+                           fresh.get_submodule(plan.rev[0].new_module).f[0].weight)
