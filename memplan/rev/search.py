@@ -7,8 +7,9 @@ re-plans GCP on the substituted graph (REV nodes pinned, and unpinned: a block w
 anyway may be recomputed), and a joint search toggles each pass in or out with a DP re-plan each.
 
 Every configuration is first rated by the cost model (a block that frees its input keeps nothing of
-it); only the best ``FINALISTS`` are simulated, and the one ruler (``simulate_step`` of the rewritten
-module) decides. REV changes the network, so it is taken only when it lowers the simulated peak
+it; its backward's F and G need working memory); only the best ``FINALISTS`` are simulated, and the
+one ruler (``simulate_step`` of the rewritten module) decides. Where the ruler shows REV paying, one
+more toggle search runs rated by simulation (the cost model misplaces some peaks). REV changes the network, so it is taken only when it lowers the simulated peak
 (or, under a budget, the recompute) by at least ``options.rev_min_gain`` (1%); otherwise the plan is the GCP plan
 and its notes say what REV would have reached.
 
@@ -68,7 +69,7 @@ REV_SEED = 0
 #: peak, or of forward FLOPs recomputed under a budget); PlanOptions.rev_min_gain.
 REV_MIN_GAIN = PlanOptions.rev_min_gain
 #: How many configurations, best by the cost model first, are simulated.
-FINALISTS = 2
+FINALISTS = 3
 
 
 @dataclass(frozen=True)
@@ -392,6 +393,26 @@ def _finalists(ctx: _Context, outcomes: Sequence[RevOutcome]) -> tuple[list[RevO
     return done, notes
 
 
+def _refined(ctx: _Context, start: RevOutcome) -> tuple[RevOutcome, list[str]]:
+    """Where the ruler shows REV paying: one more pass over the candidates in graph order, each toggled in
+    or out of ``start``'s set with a DP re-plan, rated by simulation, kept when it ranks better."""
+    rank = _ranking(ctx.options.budget_bytes)
+    best, tried = start, 0
+    for c in ctx.candidates:
+        names = [d.name for d in ctx.chosen(set(best.names) ^ {c.name})]
+        if not names:
+            continue
+        o = _joint(ctx, names, pin=best.pinned if best.replanned else True, calibrate=False,
+                   label=f"simulated search ({len(names)} REV)")
+        o = _simulated(ctx, o) if isinstance(o, RevOutcome) else o
+        tried += 1
+        if isinstance(o, RevOutcome) and rank(o) < rank(best):
+            best = o
+    note = (f"simulated search ({tried} toggles of {start.label}): "
+            + (_fmt(best) if best is not start else "no toggle ranked better"))
+    return best, [note]
+
+
 def _worth_it(ctx: _Context, rev: RevOutcome, gcp: RevOutcome) -> bool:
     """Whether REV's gain over GCP justifies changing the network (``options.rev_min_gain``)."""
     budget, gain = ctx.options.budget_bytes, ctx.options.rev_min_gain
@@ -461,6 +482,12 @@ def compare_graph(graph: MemGraph, options: PlanOptions) -> RevComparison:
     lap("finalists (simulated)")
     rank = _ranking(options.budget_bytes)
     best = min([gcp, *finalists], key=rank)
+    if best is not gcp and options.rev_search and _worth_it(ctx, best, gcp):
+        refined, refine_notes = _refined(ctx, best)
+        final_notes += refine_notes
+        if refined is not best:
+            finalists, best = [*finalists, refined], refined
+        lap("simulated search")
     choice = f"chose: {best.label}"
     if best is not gcp and not _worth_it(ctx, best, gcp):
         gain = gcp.peak_bytes - best.peak_bytes
