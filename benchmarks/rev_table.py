@@ -12,6 +12,7 @@ the quantity FetusMapV2 reports (``torch.cuda.max_memory_allocated``, cuDNN work
 from __future__ import annotations
 
 import argparse
+import os
 import importlib.util
 import time
 from dataclasses import dataclass
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     scratches = ("none", "cpu") if args.scratch == "both" else (args.scratch,)
     model, shape = load_unet()
     parts = ["# REV table: FetusMapV2-shaped U-Net, simulated training step", "",
-             f"Input {shape} (batch 1), Adam, {_params(model) / 1e6:.2f} M parameters, torch {torch.__version__}; "
+             f"Input {shape} (batch 1), Adam, {_params(model) / 1e6:.2f} M parameters, torch {torch.__version__}, "
+             f"load average {os.getloadavg()[0]:.1f} at the start (planning times are wall clock); "
              "meta tensors, one ruler (`memplan.simulate_step`, two steps so Adam's state is included). "
              "Overhead = recomputed forward FLOPs (checkpointed segments plus one F and G evaluation per "
              "REV block) / forward FLOPs. Planning time includes tracing and every simulation.", "",
