@@ -7,8 +7,6 @@ chain of lower sets run by memplan's own rewrite, so one simulator rates it like
 from __future__ import annotations
 
 import copy
-import math
-import time
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,9 +16,10 @@ import torch.fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from memplan.costmodel import build_costs, chain_cost
+from memplan import baselines as memplan_baselines
 from memplan.graph import MemGraph
-from memplan.plan import Plan, chain_to_segments
+from memplan.options import PlanOptions
+from memplan.plan import Plan
 
 __all__ = ["Checkpointed", "checkpoint_modules", "block_checkpointed", "fetusmap_rule_names", "fetusmap_rule",
            "recomputed_fraction", "articulation_points", "chen_chain", "chen_plan", "compiled_with_budget",
@@ -119,18 +118,15 @@ def recomputed_fraction(graph: MemGraph, names: list[str] | tuple[str, ...]) -> 
     return sum(inside) / (graph.total_flops or 1)
 
 
-# -- Chen et al. 2016: sqrt(n) segments over articulation points ---------------------------------------
+# -- Chen et al. 2016: sqrt(n) segments over articulation points (memplan.baselines, the "chen" planner) -------
 
 def articulation_points(graph: MemGraph, optimizer: str = "adam") -> list[int]:
-    """Graph-order indices of single-tensor cuts: nodes v whose ancestors-and-self lower set has
-    boundary {v} (every later node reads only v or nodes after it)."""
-    costs = build_costs(graph, optimizer=optimizer)
-    return [i for i, mask in enumerate(graph.ancestor_masks()) if costs.boundary(mask) == 1 << i]
+    """Graph-order indices of single-tensor cuts (see memplan.baselines.articulation_points)."""
+    return memplan_baselines.articulation_points(graph, optimizer)
 
 
 def chen_chain(graph: MemGraph, cuts: list[int]) -> list[int]:
-    """Chen's sqrt(n) chain: a cut every ceil(sqrt(n)) nodes or more (recomputed segments between
-    chosen cuts), then one node per block after the last cut (the last segment is stored).
+    """Chen's sqrt(n) chain (see memplan.baselines.chen_chain).
 
     >>> import torch
     >>> import memplan
@@ -139,40 +135,14 @@ def chen_chain(graph: MemGraph, cuts: list[int]) -> list[int]:
     >>> [bin(m).count("1") for m in chen_chain(g, articulation_points(g))]
     [3, 6, 7, 8, 9]
     """
-    n = len(graph)
-    step = math.ceil(math.sqrt(n))
-    anc = graph.ancestor_masks()
-    chosen, last = [], -1
-    for i in cuts:
-        if i - last >= step and i < n - 1:
-            chosen.append(anc[i])
-            last = i
-    chain = list(chosen)
-    base = chain[-1] if chain else 0
-    for j in range(n):
-        m = base | ((1 << (j + 1)) - 1)
-        if not chain or m & ~chain[-1]:
-            chain.append(m)
-    return chain
+    return memplan_baselines.chen_chain(graph, cuts)
 
 
 def chen_plan(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, int] | None = None) -> Plan:
-    """Chen's sqrt(n) plan over ``graph``'s articulation points, as a memplan Plan (rewrite runs it)."""
-    t0 = time.perf_counter()
-    cuts = articulation_points(graph, optimizer)
-    chain = chen_chain(graph, cuts)
-    costs = build_costs(graph, optimizer=optimizer, scratch=scratch)
-    peak, recompute_flops = chain_cost(costs, chain)
-    vanilla = chain_cost(costs, [(1 << (i + 1)) - 1 for i in range(len(graph))])[0]
-    segments = chain_to_segments(graph, costs, tuple(chain))
-    chosen = sum(1 for s in segments if s.recompute)
-    return Plan(segments=segments, predicted_peak_bytes=int(peak),
-                predicted_overhead=recompute_flops / (float(costs.flops.sum()) or 1.0), vanilla_peak_bytes=int(vanilla),
-                budget_bytes=None, objective="Chen sqrt(n)", method="chen",
-                method_reason=f"{len(cuts)} articulation points, {chosen} recomputed segment(s), "
-                              f"segment length >= {math.ceil(math.sqrt(len(graph)))}",
-                lower_set_count=None, fingerprint=graph.fingerprint(), optimizer=optimizer,
-                static_bytes=costs.static_bytes, planning_time_s=time.perf_counter() - t0)
+    """Chen's sqrt(n) plan as a memplan Plan: the registered "chen" planner, cost model only (the caller
+    simulates). ``scratch`` (per-node CPU scratch, or None) picks the scratch model."""
+    options = PlanOptions(method="chen", optimizer=optimizer, scratch="cpu" if scratch else "none", simulate=False)
+    return memplan_baselines.plan_chen(graph, options)
 
 
 # -- torch.compile with an activation memory budget ------------------------------------------------

@@ -2,7 +2,8 @@
 
 Traces and plans examples/fetusmapv2_unet.py at 176x112x112, batch 1, Adam, on meta tensors, and
 prints/writes: planning time, simulated step peak of vanilla and of the memory-centric plan (exact
-and approximate DP), their ratio, the cost model's error, and time-centric plans at a few budgets.
+and approximate DP), their ratio, the cost model's error, time-centric plans at a few budgets, and
+GCP+REV planning time and gain (here and on models.pose's FetusMapV2 net).
 
     python benchmarks/planner_fetusmapv2.py [--out benchmarks/results]
 """
@@ -19,6 +20,7 @@ import memplan
 from memplan.units import format_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fetusmapv2_unet import INPUT_SHAPE, UNet3D  # noqa: E402
 
 
@@ -60,6 +62,30 @@ def run(scratch: str) -> list[str]:
     return rows
 
 
+def rev_rows() -> list[str]:
+    """GCP+REV planning (rev=True, memory-centric, tensors only) on this U-Net and on models.pose's
+    FetusMapV2 net: wall and CPU time, what REV replaced and its gain over GCP only, as simulated."""
+    from models.pose import fetusmap_v2
+    rows = ["### GCP+REV planning (rev=True, scratch=none, memory-centric)", "",
+            "| network | GCP plan() | rev=True plan() | CPU time | REV blocks | GCP peak | GCP+REV peak | gain |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, build in (("examples/fetusmapv2_unet.py", UNet3D), ("models.pose fetusmap_v2", fetusmap_v2)):
+        torch.manual_seed(0)
+        net, x = build(), torch.empty(INPUT_SHAPE, device="meta")
+        t0 = time.perf_counter()
+        gcp = memplan.plan(net, x, scratch="none")
+        gcp_s = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        rev = memplan.plan(net, x, scratch="none", rev=True)
+        rev_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        gain = gcp.simulated_peak_bytes - rev.simulated_peak_bytes
+        rows.append(f"| {name} | {gcp_s:.1f} s | {rev_s:.1f} s | {cpu_s:.1f} s | {len(rev.rev)} | "
+                    f"{format_bytes(gcp.simulated_peak_bytes)} | {format_bytes(rev.simulated_peak_bytes)} | "
+                    f"{gain / gcp.simulated_peak_bytes:.2%} |")
+        rows += [f"  - {name}: {n}" for n in rev.notes if n.startswith(("chose", "finalist"))]
+    return rows + [""]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -68,6 +94,7 @@ def main(argv=None) -> int:
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; times are wall clock on this machine.", ""]
     for scratch in ("none", "cpu"):
         lines += run(scratch)
+    lines += rev_rows()
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

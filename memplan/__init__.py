@@ -8,12 +8,15 @@ trace -> plan -> rewrite -> measure:
 >>> len(g), memplan.format_bytes(g.activation_bytes)
 (2, '1.00 MiB')
 """
+from . import planners  # noqa: F401 - fills the planner registry (memplan.registry.PLANNERS)
 from .api import compile, plan
 from .errors import BudgetError, MemplanError, PlanFileError, PlanMismatchError, TraceError
 from .graph import MemGraph, NodeInfo
 from .measure import MemoryReport, measure_step, simulate_step
+from .options import PlanOptions
 from .plan import Plan, RevReplacementRecord, Segment
-from .reversible import ReversibleBlock, is_reversible_leaf
+from .planners import plan_graph
+from .rev.block import ReversibleBlock, is_reversible_leaf
 from .trace import register_leaf, trace
 from .units import format_bytes, parse_bytes
 
@@ -24,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetError", "MemplanError", "PlanFileError", "PlanMismatchError", "TraceError",
     "MemGraph", "NodeInfo", "MemoryReport",
-    "Plan", "Segment", "RevReplacementRecord", "ReversibleBlock", "plan", "compile",
+    "Plan", "PlanOptions", "Segment", "RevReplacementRecord", "ReversibleBlock", "plan", "compile", "plan_graph",
     "trace", "register_leaf", "simulate_step", "measure_step",
     "format_bytes", "parse_bytes",
 ]

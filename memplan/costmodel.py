@@ -72,6 +72,11 @@ class CostArrays:
         return b
 
 
+def node_scratch(graph: MemGraph, scratch: str) -> dict[str, int] | None:
+    """Per-node kernel scratch bytes under a scratch model: CPU convolution scratch for "cpu", none else."""
+    return {i.name: i.scratch_cpu_bytes for i in graph} if str(scratch) == "cpu" else None
+
+
 def _to_bool(mask: int, n: int) -> np.ndarray:
     return np.array([(mask >> i) & 1 for i in range(n)], dtype=bool)
 

@@ -3,6 +3,8 @@
 Exact DP iterates over every lower set of the graph; approximate DP over the sets {}, V,
 "v plus its ancestors" for every v (Kusumoto's n + 2), and the n prefixes of the fx order (so the
 unplanned, recompute-nothing chain is always available). Both use memplan.costmodel for block costs.
+:func:`plan_kusumoto` is the registered planner ("auto", "exact", "approx"): the DP's plan, checked
+and calibrated by simulation (memplan.calibrate) unless ``options.simulate`` is False.
 
 The recurrence (state = lower set L and integer-scaled overhead t; value = least kept bytes):
 
@@ -15,11 +17,18 @@ Keeping the least kept memory per (L, t) is exact because every later block's pe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .costmodel import CostArrays, pending_grads
+from .calibrate import bytes_pair, fit_to_budget
+from .costmodel import CostArrays, build_costs, chain_cost, node_scratch, pending_grads
+from .errors import BudgetError, MemplanError
+from .graph import MemGraph
+from .options import DP, PlanOptions
+from .plan import Plan, chain_to_segments
+from .units import format_bytes
 
 _INF = np.inf
 
@@ -91,8 +100,8 @@ class Family:
         inner = np.where(v, here, -np.inf).max(axis=1) if len(targets) else np.zeros(0)
         peak = keep + self.pending[targets] - own.astype(np.float64) @ c.out_b + inner
         peak = np.where(recompute & (v & c.pinned[None, :]).any(axis=1), np.inf, peak)
-        time = np.where(recompute, vf @ c.flops, 0.0)
-        tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=time, recompute=recompute)
+        recompute_time = np.where(recompute, vf @ c.flops, 0.0)
+        tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=recompute_time, recompute=recompute)
         self._cache[a] = tr
         return tr
 
@@ -188,6 +197,74 @@ def least_time(family: Family, budget: float, *, time_steps: int = 1000) -> DPRe
         chain.append(family.masks[s])
         s, t = int(par_set[s, t]), int(par_t[s, t])
     chain.reverse()
-    from .costmodel import chain_cost
-    peak, time = chain_cost(c, chain)
-    return DPResult(chain=tuple(chain), peak_bytes=peak, time=time)
+    peak, recompute_time = chain_cost(c, chain)
+    return DPResult(chain=tuple(chain), peak_bytes=peak, time=recompute_time)
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner
+# ---------------------------------------------------------------------------------------------
+
+def choose_family(graph: MemGraph, costs: CostArrays, opts: PlanOptions) -> tuple[Family, str, str, int | None]:
+    """The lower-set family for the DP: (family, method, why, lower-set count or None)."""
+    sets = None
+    if opts.dp in (DP.AUTO, DP.EXACT):
+        bound = opts.lower_set_bound if opts.dp is DP.AUTO else max(opts.lower_set_bound, 10**6)
+        sets = graph.lower_sets(bound)
+        if sets is None and opts.dp is DP.EXACT:
+            raise MemplanError(f"graph has more than {bound} lower sets; exact DP is unaffordable, use method='approx'")
+    groups = graph.consumer_groups()
+    if sets is not None:
+        why = ("requested" if opts.dp is DP.EXACT
+               else f"{len(sets)} lower sets <= bound {opts.lower_set_bound}")
+        usable = [m for m in sets if graph.order_compatible(m, groups)]
+        if len(usable) < len(sets):
+            why += f"; {len(sets) - len(usable)} set(s) would reorder a 3-reader value's gradient sum"
+        return Family(costs, usable), "exact", why, len(sets)
+    full = (1 << len(graph)) - 1
+    prefixes = [(1 << (i + 1)) - 1 for i in range(len(graph))]   # fx-order prefixes: the vanilla chain
+    masks = [m for m in [0, full] + graph.ancestor_masks() + prefixes if graph.order_compatible(m, groups)]
+    why = "requested" if opts.dp is DP.APPROX else f"more than {opts.lower_set_bound} lower sets"
+    return Family(costs, masks), "approx", why, None
+
+
+def dp_plan(graph: MemGraph, opts: PlanOptions) -> Plan:
+    """The DP's plan by the cost model alone: time-centric under ``opts.budget_bytes``, else memory-centric.
+    ``opts.pinned`` nodes are never recomputed; BudgetError below the cost model's floor."""
+    t0 = time.perf_counter()
+    costs = build_costs(graph, optimizer=opts.optimizer.value, scratch=node_scratch(graph, opts.scratch.value),
+                        times=opts.times, pinned=opts.pinned)
+    family, method, why, count = choose_family(graph, costs, opts)
+    vanilla_chain = [(1 << (i + 1)) - 1 for i in range(len(graph))]   # one node per block, topological
+    vanilla_peak = chain_cost(costs, vanilla_chain)[0]
+    floor = min_budget(family)
+    if opts.budget_bytes is None:
+        budget = floor
+    else:
+        budget = float(opts.budget_bytes)
+        if budget < floor:
+            b_text, f_text = bytes_pair(int(budget), int(floor))
+            raise BudgetError(
+                f"budget {b_text} is below the smallest feasible peak {f_text} ({method} DP, cost model, optimizer "
+                f"{opts.optimizer.value}); raise the budget to at least {format_bytes(floor)}, use a smaller input "
+                "or batch, or a lighter optimizer",
+                budget_bytes=int(budget), min_feasible_bytes=int(floor))
+    result = least_time(family, budget, time_steps=opts.time_steps)
+    if result is None:
+        raise AssertionError(f"budget {budget} >= floor {floor} but the DP found no chain")
+    fwd = float(costs.flops.sum()) or 1.0
+    return Plan(
+        segments=chain_to_segments(graph, costs, result.chain), predicted_peak_bytes=int(result.peak_bytes),
+        predicted_overhead=result.time / fwd, vanilla_peak_bytes=int(vanilla_peak),
+        budget_bytes=opts.budget_bytes, objective=opts.objective.value,
+        method=method, method_reason=why, lower_set_count=count, fingerprint=graph.fingerprint(),
+        optimizer=opts.optimizer.value, static_bytes=costs.static_bytes,
+        planning_time_s=time.perf_counter() - t0, notes=graph.trace_notes)
+
+
+def plan_kusumoto(graph: MemGraph, options: PlanOptions) -> Plan:
+    """Registered as "auto", "exact" and "approx": :func:`dp_plan`, checked and calibrated by simulation
+    (memplan.calibrate.fit_to_budget) unless ``options.simulate`` is False."""
+    t0 = time.perf_counter()
+    plan = fit_to_budget(dp_plan, graph, options) if options.simulate else dp_plan(graph, options)
+    return replace(plan, planning_time_s=time.perf_counter() - t0)

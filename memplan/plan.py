@@ -1,27 +1,26 @@
 """Plan: pure data saying which segments a compiled module checkpoints, and what that should cost.
 
-``plan()`` traces the model, runs the Kusumoto DP (exact or approximate), turns the chain of lower
-sets into segments, and checks the result with the one simulator every plan is rated by.
+Every planner (memplan.planners) returns one; it round-trips through JSON and is checked against
+the graph it is applied to (:func:`check_plan`).
 """
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field, replace
+import re
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from .costmodel import CostArrays, block_cost, build_costs
-from .errors import BudgetError, MemplanError, PlanMismatchError
-from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
-from .kusumoto import Family, least_time, min_budget
-from .measure import OPTIMIZERS
+from .costmodel import CostArrays, block_cost
+from .errors import MemplanError, PlanMismatchError
+from .graph import MemGraph
+from .options import PlanOptions  # noqa: F401 - re-exported: memplan.plan.PlanOptions is the old home
 from .planfile import validate_against_graph, validate_plan_dict
 from .segtable import segment_rows
-from .units import format_bytes, parse_bytes
+from .units import format_bytes
 
-METHODS = ("auto", "exact", "approx")
 PLAN_FORMAT = 1
+#: Plans written before the seed was a field of each REV record carried it in a note.
+_OLD_SEED_NOTE = re.compile(r"^REV seed=(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -95,8 +94,11 @@ class Plan:
         validate_plan_dict(d, Plan)     # every field and its type, before anything reads it
         d["segments"] = tuple(Segment(**{**s, "nodes": tuple(s["nodes"]), "kept": tuple(s["kept"])})
                               for s in d["segments"])
-        d["rev"] = tuple(RevReplacementRecord(**{**r, "replaced": tuple(r["replaced"])}) for r in d.get("rev", ()))
-        d["notes"] = tuple(d.get("notes", ()))
+        notes = tuple(d.get("notes", ()))
+        old_seed = next((int(m.group(1)) for m in map(_OLD_SEED_NOTE.match, notes) if m), 0)
+        d["rev"] = tuple(RevReplacementRecord(**{"seed": old_seed, **r, "replaced": tuple(r["replaced"])})
+                         for r in d.get("rev", ()))
+        d["notes"] = tuple(n for n in notes if not _OLD_SEED_NOTE.match(n))
         return Plan(**d)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -134,46 +136,15 @@ class Plan:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class PlanOptions:
-    """How to plan; validated on construction."""
-    budget_bytes: int | None = None
-    optimizer: str = "adam"
-    method: str = "auto"
-    lower_set_bound: int = DEFAULT_LOWER_SET_BOUND
-    time_steps: int = 1000
-    times: dict | None = field(default=None, hash=False)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise MemplanError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise MemplanError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.budget_bytes is not None and self.budget_bytes <= 0:
-            raise MemplanError(f"budget must be positive, got {self.budget_bytes} B")
-
-
-def choose_family(graph: MemGraph, costs: CostArrays, opts: PlanOptions) -> tuple[Family, str, str, int | None]:
-    """The lower-set family for the DP: (family, method, why, lower-set count or None)."""
-    sets = None
-    if opts.method in ("auto", "exact"):
-        bound = opts.lower_set_bound if opts.method == "auto" else max(opts.lower_set_bound, 10**6)
-        sets = graph.lower_sets(bound)
-        if sets is None and opts.method == "exact":
-            raise MemplanError(f"graph has more than {bound} lower sets; exact DP is unaffordable, use method='approx'")
-    groups = graph.consumer_groups()
-    if sets is not None:
-        why = ("requested" if opts.method == "exact"
-               else f"{len(sets)} lower sets <= bound {opts.lower_set_bound}")
-        usable = [m for m in sets if graph.order_compatible(m, groups)]
-        if len(usable) < len(sets):
-            why += f"; {len(sets) - len(usable)} set(s) would reorder a 3-reader value's gradient sum"
-        return Family(costs, usable), "exact", why, len(sets)
-    full = (1 << len(graph)) - 1
-    prefixes = [(1 << (i + 1)) - 1 for i in range(len(graph))]   # fx-order prefixes: the vanilla chain
-    masks = [m for m in [0, full] + graph.ancestor_masks() + prefixes if graph.order_compatible(m, groups)]
-    why = "requested" if opts.method == "approx" else f"more than {opts.lower_set_bound} lower sets"
-    return Family(costs, masks), "approx", why, None
+def _runs_of_stores(segments: tuple[Segment, ...]) -> list[list[Segment]]:
+    """Segments grouped for display: each recomputed segment alone, consecutive stored ones together."""
+    groups: list[list[Segment]] = []
+    for s in segments:
+        if groups and not s.recompute and not groups[-1][-1].recompute:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
 
 
 def chain_to_segments(graph: MemGraph, costs: CostArrays, chain: tuple[int, ...]) -> tuple[Segment, ...]:
@@ -190,44 +161,6 @@ def chain_to_segments(graph: MemGraph, costs: CostArrays, chain: tuple[int, ...]
     return tuple(segments)
 
 
-def plan_graph(graph: MemGraph, opts: PlanOptions, *, scratch: dict[str, int] | None = None,
-               pinned: frozenset[str] = frozenset()) -> Plan:
-    """Plan a traced graph: time-centric under ``opts.budget_bytes``, else memory-centric.
-
-    ``pinned`` nodes are never recomputed (each stays out of every checkpointed segment)."""
-    t0 = time.perf_counter()
-    costs = build_costs(graph, optimizer=opts.optimizer, scratch=scratch, times=opts.times, pinned=pinned)
-    family, method, why, count = choose_family(graph, costs, opts)
-    vanilla = least_time(family, float("inf"), time_steps=opts.time_steps)
-    if vanilla is None:
-        raise AssertionError(f"no chain at infinite budget for graph {graph.fingerprint()}")
-    vanilla_chain = tuple((1 << (i + 1)) - 1 for i in range(len(graph)))  # one node per block, topological
-    from .costmodel import chain_cost
-    vanilla_peak = chain_cost(costs, list(vanilla_chain))[0]
-    floor = min_budget(family)
-    if opts.budget_bytes is None:
-        budget, objective = floor, "memory-centric"
-    else:
-        budget, objective = float(opts.budget_bytes), "time-centric"
-        if budget < floor:
-            raise BudgetError(
-                f"budget {format_bytes(budget)} is below the smallest feasible peak {format_bytes(floor)} "
-                f"({method} DP, optimizer {opts.optimizer}); raise the budget to at least {format_bytes(floor)}, "
-                "use a smaller input or batch, or a lighter optimizer",
-                budget_bytes=int(budget), min_feasible_bytes=int(floor))
-    result = least_time(family, budget, time_steps=opts.time_steps)
-    if result is None:
-        raise AssertionError(f"budget {budget} >= floor {floor} but the DP found no chain")
-    fwd = float(costs.flops.sum()) or 1.0
-    return Plan(
-        segments=chain_to_segments(graph, costs, result.chain), predicted_peak_bytes=int(result.peak_bytes),
-        predicted_overhead=result.time / fwd, vanilla_peak_bytes=int(vanilla_peak),
-        budget_bytes=None if opts.budget_bytes is None else int(opts.budget_bytes), objective=objective,
-        method=method, method_reason=why, lower_set_count=count, fingerprint=graph.fingerprint(),
-        optimizer=opts.optimizer, static_bytes=costs.static_bytes, planning_time_s=time.perf_counter() - t0,
-        notes=graph.trace_notes)
-
-
 def check_plan(plan: Plan, graph: MemGraph) -> None:
     """Raise PlanMismatchError unless ``plan`` was made for ``graph`` and is a chain of it (planfile.py)."""
     fp = graph.fingerprint()
@@ -241,9 +174,3 @@ def check_plan(plan: Plan, graph: MemGraph) -> None:
 def with_simulation(plan: Plan, simulated: int, vanilla: int | None = None) -> Plan:
     return replace(plan, simulated_peak_bytes=int(simulated),
                    simulated_vanilla_peak_bytes=None if vanilla is None else int(vanilla))
-
-
-def resolve_budget(budget: Any) -> int | None:
-    """None, bytes, or a string like '12GB' -> bytes."""
-    return None if budget is None else parse_bytes(budget)
-

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from memplan.costmodel import build_costs, chain_cost
 from memplan.graph import MemGraph, NodeInfo
 from memplan.kusumoto import Family, least_time, min_budget
-from memplan.plan import PlanOptions, chain_to_segments, choose_family
+from memplan.kusumoto import choose_family
+from memplan.plan import PlanOptions, chain_to_segments
 
 
 @st.composite

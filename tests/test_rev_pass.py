@@ -9,6 +9,7 @@ from torch import nn
 
 from tests.nets import PlainCoupling
 from memplan.errors import MemplanError
+from memplan.plan import RevReplacementRecord
 from memplan.rev import (
     RevEligibilityError,
     check_rev_candidate,
@@ -186,14 +187,15 @@ def test_substitution_keeps_the_original_and_shares_the_rest():
     assert all(isinstance(new_gm.get_submodule(r.new_module), ReversibleBlock) for r in reps)
     for r in reps:
         assert not any(hasattr(new_gm.get_submodule(r.new_module.rpartition(".")[0]), m.rpartition(".")[2])
-                       for m in r.replaced_modules)  # replaced layers are gone from the new module
+                       for m in r.replaced)  # replaced layers are gone from the new module
     targets = [n.target for n in new_gm.graph.nodes if n.op == "call_module"]
     assert "mid.0" not in targets and "mid.rev_0" in targets
     new_gm.graph.lint()
     record = json.loads(json.dumps([dataclasses.asdict(r) for r in reps]))
-    assert record[0] == {"candidate": "mid.0", "replaced_modules": ["mid.0", "mid.1", "mid.2"],
-                         "new_module": "mid.rev_0", "original_param_count": 440, "new_param_count": 224,
-                         "free_input": False}
+    assert record[0] == {"name": "mid.0", "replaced": ["mid.0", "mid.1", "mid.2"],   # the plan's own record type
+                         "new_module": "mid.rev_0", "params_before": 440, "params_after": 224,
+                         "free_input": False, "seed": 0}
+    assert all(isinstance(r, RevReplacementRecord) for r in reps)
     json.dumps(dataclasses.asdict(found[0]))
     total = lambda m: sum(p.numel() for p in m.parameters())
     assert total(gm) - total(new_gm) == 2 * (440 - 224)
@@ -203,11 +205,11 @@ def test_skip_input_stays_alive_and_gradients_match_plain_autograd():
     torch.manual_seed(1)
     gm = torch.fx.symbolic_trace(SkipNet().double())
     new_gm, reps = substitute_rev(gm, find_rev_candidates(gm, _meta(2, 1, 6, 6, 6, dtype=torch.float64)))
-    assert {r.candidate: r.free_input for r in reps} == {"mid.0": False, "last.0": True}
+    assert {r.name: r.free_input for r in reps} == {"mid.0": False, "last.0": True}
     ref = _plain_reference(new_gm, reps)
     seen = {}
     hooks = [new_gm.get_submodule(r.new_module).register_forward_hook(
-        lambda mod, args, out, key=r.candidate: seen.__setitem__(key, args[0])) for r in reps]
+        lambda mod, args, out, key=r.name: seen.__setitem__(key, args[0])) for r in reps]
     x = torch.randn(2, 1, 6, 6, 6, dtype=torch.float64)
     weights = [torch.randn(2, 3, 6, 6, 6, dtype=torch.float64), torch.randn(2, 4, 3, 3, 3, dtype=torch.float64),
                torch.randn(2, 4, 6, 6, 6, dtype=torch.float64)]

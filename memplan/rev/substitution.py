@@ -1,5 +1,8 @@
 """REV eligibility and substitution on a torch.fx graph (FetusMapV2 section 3.1, steps 2 and 3).
 
+Eligibility reads analyze's facts (a MemGraph: shapes, dtypes, storage aliases, what each backward
+saved); substitution returns the plan's own record type, :class:`~memplan.plan.RevReplacementRecord`.
+
 A candidate is one Conv -> BatchNorm -> ReLU layer that keeps its input's shape (C -> C channels,
 stride 1, groups 1, dilation 1, "same" padding, even C) whose intermediate values have a single
 user. :func:`substitute_rev` replaces chosen candidates by :class:`~memplan.reversible.ReversibleBlock`
@@ -17,14 +20,15 @@ Example (a C -> C layer after a channel-changing one)::
     >>> [c.name for c in find_rev_candidates(gm, x)]
     ['3']
     >>> new_gm, done = substitute_rev(gm, find_rev_candidates(gm, x))
-    >>> done[0].new_module, done[0].original_param_count, done[0].new_param_count
-    ('rev_3', 152, 80)
+    >>> done[0].new_module, done[0].params_before, done[0].params_after, done[0].seed
+    ('rev_3', 152, 80, 0)
     >>> new_gm(torch.randn(2, 1, 8, 8)).shape
     torch.Size([2, 4, 8, 8])
 """
 from __future__ import annotations
 
 import copy
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,22 +36,23 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.autograd.graph import saved_tensors_hooks
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-from torch.utils import _pytree as pytree
 
-from .errors import MemplanError
-from .reversible import ReversibleBlock, coupling_param_count, make_conv_bn_relu_coupling
+from .._meta import as_tuple
+from ..analyze import analyze
+from ..errors import MemplanError
+from ..graph import MemGraph
+from ..plan import RevReplacementRecord
+from .block import ReversibleBlock, coupling_param_count, make_conv_bn_relu_coupling
 
 __all__ = [
     "RevCandidate",
     "RevEligibilityError",
-    "RevReplacement",
     "check_rev_candidate",
     "default_free_input",
     "find_rev_candidates",
+    "check_output_shapes",
     "rev_ineligible_reasons",
     "substitute_rev",
 ]
@@ -90,51 +95,38 @@ class RevCandidate:
     input_kept_by: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class RevReplacement:
-    """What :func:`substitute_rev` did to one candidate (JSON-friendly via ``dataclasses.asdict``)."""
-
-    candidate: str
-    replaced_modules: tuple[str, ...]
-    new_module: str
-    original_param_count: int
-    new_param_count: int
-    free_input: bool
+def find_rev_candidates(graph: MemGraph | fx.GraphModule, example_inputs: Any = None) -> list[RevCandidate]:
+    """Every Conv-BN-ReLU layer that a reversible block can replace, in graph order. ``graph`` is a
+    MemGraph (analyze's facts are reused) or a GraphModule analysed on ``example_inputs``."""
+    return [c for c in _analyse(_facts(graph, example_inputs)).values() if isinstance(c, RevCandidate)]
 
 
-@dataclass(frozen=True)
-class _Propagated:
-    """Shapes and storage facts from one meta-tensor run of the graph, keyed by node name."""
-
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, torch.dtype]
-    out_storages: dict[str, tuple[int, ...]]   # storage ids of the node's output tensors
-    saved_storages: dict[str, frozenset[int]]  # storage ids its backward saved
-    owns_storage: dict[str, bool]              # the output spans its whole storage (not a view)
-
-
-def find_rev_candidates(gm: fx.GraphModule, example_inputs: Any) -> list[RevCandidate]:
-    """Every Conv-BN-ReLU layer of ``gm`` that a reversible block can replace, in graph order."""
-    return [c for c in _analyse(gm, example_inputs).values() if isinstance(c, RevCandidate)]
-
-
-def rev_ineligible_reasons(gm: fx.GraphModule, example_inputs: Any) -> dict[str, str]:
+def rev_ineligible_reasons(graph: MemGraph | fx.GraphModule, example_inputs: Any = None) -> dict[str, str]:
     """For each convolution node that is not a candidate, why not."""
-    return {name: r for name, r in _analyse(gm, example_inputs).items() if isinstance(r, str)}
+    return {name: r for name, r in _analyse(_facts(graph, example_inputs)).items() if isinstance(r, str)}
 
 
-def check_rev_candidate(gm: fx.GraphModule, conv_node: str, example_inputs: Any) -> RevCandidate:
+def check_rev_candidate(graph: MemGraph | fx.GraphModule, conv_node: str, example_inputs: Any = None) -> RevCandidate:
     """The candidate starting at ``conv_node``; RevEligibilityError naming the node and reason if none."""
-    node = _node_by_name(gm.graph, conv_node)
-    result = _match(gm, node, _propagate(gm, example_inputs))
+    facts = _facts(graph, example_inputs)
+    result = _match(facts.gm, _node_by_name(facts.gm.graph, conv_node), facts)
     if isinstance(result, str):
         raise RevEligibilityError(f"node {conv_node!r} is not REV-eligible: {result}")
     return result
 
 
-def _analyse(gm: fx.GraphModule, example_inputs: Any) -> dict[str, RevCandidate | str]:
-    info = _propagate(gm, example_inputs)
-    return {n.name: _match(gm, n, info) for n in gm.graph.nodes if _is_conv_node(gm, n)}
+def _facts(graph: MemGraph | fx.GraphModule, example_inputs: Any) -> MemGraph:
+    """analyze's MemGraph: given, or computed from a GraphModule and its example inputs (meta tensors)."""
+    if isinstance(graph, MemGraph):
+        return graph
+    if example_inputs is None:
+        raise RevEligibilityError("finding REV candidates of a GraphModule needs example_inputs (or pass the "
+                                  "MemGraph from memplan.trace)")
+    return analyze(graph, as_tuple(example_inputs))
+
+
+def _analyse(facts: MemGraph) -> dict[str, RevCandidate | str]:
+    return {n.name: _match(facts.gm, n, facts) for n in facts.gm.graph.nodes if _is_conv_node(facts.gm, n)}
 
 
 def _is_conv_node(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -149,72 +141,10 @@ def _node_by_name(graph: fx.Graph, name: str) -> fx.Node:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shape and storage propagation on meta tensors
-# ---------------------------------------------------------------------------------------------
-
-def _propagate(gm: fx.GraphModule, example_inputs: Any) -> _Propagated:
-    """Run ShapeProp on a meta copy of ``gm`` (no real compute, the original untouched)."""
-    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    meta_inputs = [torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
-                   if isinstance(t, torch.Tensor) else t for t in inputs]
-    prop = _StorageProp(_meta_copy(gm))
-    prop.propagate(*meta_inputs)
-    return prop.result()
-
-
-def _meta_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy whose parameters and buffers are meta tensors (no data is copied)."""
-    memo: dict[int, Any] = {}
-    for t in [*gm.parameters(), *gm.buffers()]:
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(gm, memo)
-
-
-class _StorageProp(ShapeProp):
-    """ShapeProp that also records, per node, which storages its output uses and its backward saved."""
-
-    def __init__(self, module: fx.GraphModule):
-        super().__init__(module)
-        self._keep: list[Any] = []  # strong references: storage ids stay unique during the run
-        self._out: dict[str, tuple[int, ...]] = {}
-        self._saved: dict[str, frozenset[int]] = {}
-        self._owns: dict[str, bool] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        saved: list[int] = []
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            self._keep.append(t)
-            saved.append(t.untyped_storage()._cdata)
-            return t
-
-        with torch.enable_grad(), saved_tensors_hooks(pack, lambda t: t):
-            result = super().run_node(n)
-        tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
-        self._keep.extend(tensors)
-        self._out[n.name] = tuple(t.untyped_storage()._cdata for t in tensors)
-        self._saved[n.name] = frozenset(saved)
-        if len(tensors) == 1:
-            t = tensors[0]
-            self._owns[n.name] = (t._base is None and t.storage_offset() == 0
-                                  and t.untyped_storage().nbytes() == t.numel() * t.element_size())
-        return result
-
-    def result(self) -> _Propagated:
-        shapes, dtypes = {}, {}
-        for node in self.module.graph.nodes:
-            meta = node.meta.get("tensor_meta")
-            if isinstance(meta, TensorMetadata):
-                shapes[node.name], dtypes[node.name] = tuple(meta.shape), meta.dtype
-        return _Propagated(shapes, dtypes, self._out, self._saved, self._owns)
-
-
-# ---------------------------------------------------------------------------------------------
 # Matching one Conv-BN-ReLU layer
 # ---------------------------------------------------------------------------------------------
 
-def _match(gm: fx.GraphModule, conv_node: fx.Node, info: _Propagated | None) -> RevCandidate | str:
+def _match(gm: fx.GraphModule, conv_node: fx.Node, info: MemGraph | None) -> RevCandidate | str:
     """The candidate at ``conv_node``, or the reason it is not one. Without ``info``: structure only."""
     nodes = _match_chain(gm, conv_node)
     if isinstance(nodes, str):
@@ -230,15 +160,17 @@ def _match(gm: fx.GraphModule, conv_node: fx.Node, info: _Propagated | None) -> 
     padding = _same_padding(conv)
     shape, dtype, kept_by = (), "", ()
     if info is not None:
-        if inp.name not in info.shapes or relu_node.name not in info.shapes:
-            return "shape propagation gave no tensor shape for the layer's input or output"
-        shape, out_shape = info.shapes[inp.name], info.shapes[relu_node.name]
+        known = set(info.order)
+        if relu_node.name not in known or conv_node.name not in known:
+            return "the analysis gave no tensor for the layer's convolution or output"
+        out_shape = info.info(relu_node.name).out_shapes[0]
+        shape = info.info(inp.name).out_shapes[0] if inp.name in known else out_shape
         if shape != out_shape:
             return f"input shape {shape} != output shape {out_shape}"
-        if not info.dtypes[inp.name].is_floating_point:
-            return f"dtype {info.dtypes[inp.name]} is not floating point"
-        dtype = str(info.dtypes[inp.name])
-        kept_by = _input_kept_by(gm.graph, inp, nodes, info)
+        dtype = (info.info(inp.name) if inp.name in known else info.info(conv_node.name)).out_dtypes[0]
+        if not getattr(torch, dtype.rsplit(".", 1)[-1], torch.int64).is_floating_point:
+            return f"dtype {dtype} is not floating point"
+        kept_by = _input_kept_by(info, inp, nodes)
     return RevCandidate(
         name=str(conv_node.target), conv_node=conv_node.name, bn_node=bn_node.name, relu_node=relu_node.name,
         input_node=inp.name, output_node=relu_node.name,
@@ -325,18 +257,42 @@ def _same_padding(conv: _ConvNd) -> tuple[int, ...] | None:
     return tuple(conv.padding)
 
 
-def _input_kept_by(graph: fx.Graph, inp: fx.Node, chain: Sequence[fx.Node], info: _Propagated) -> tuple[str, ...]:
-    """Nodes outside ``chain`` that still need the input's storage once the chain has run."""
+def _root(graph: MemGraph, name: str) -> str:
+    """The node owning ``name``'s storage (views and in-place ops alias their root's)."""
+    seen = set()
+    while graph.info(name).alias_of is not None and graph.info(name).alias_of in graph.dag and name not in seen:
+        seen.add(name)
+        name = graph.info(name).alias_of
+    return name
+
+
+def _owns_storage(graph: MemGraph, name: str) -> bool:
+    """The node's one output spans a storage of its own (not a view, not in place)."""
+    info = graph.info(name)
+    if info.alias_of is not None or len(info.out_shapes) != 1:
+        return False
+    itemsize = getattr(torch, info.out_dtypes[0].rsplit(".", 1)[-1], torch.float32).itemsize
+    return info.out_bytes == math.prod(info.out_shapes[0]) * itemsize
+
+
+def _input_kept_by(graph: MemGraph, inp: fx.Node, chain: Sequence[fx.Node]) -> tuple[str, ...]:
+    """Nodes outside ``chain`` that still need the input's storage once the chain has run: its other
+    readers, nodes whose backward saved that storage, and readers of its aliases (from analyze's facts)."""
     own = {n.name for n in chain}
-    storages = set(info.out_storages.get(inp.name, ()))
     kept = {u.name for u in inp.users if u.name not in own}
-    kept |= {name for name, ids in info.saved_storages.items() if name not in own and ids & storages}
-    for node in graph.nodes:
-        if node is inp or not storages & set(info.out_storages.get(node.name, ())):
+    if inp.name not in graph.dag:
+        return tuple(sorted(kept))                    # a graph input: never freed, its readers are enough
+    root = _root(graph, inp.name)
+    kept |= {i.name for i in graph if i.name not in own and root in {_root(graph, s) for s in i.saved_from
+                                                                      if s in graph.dag}}
+    owns = _owns_storage(graph, inp.name)
+    fx_nodes = {n.name: n for n in graph.gm.graph.nodes}
+    for other in graph.order:
+        if other == inp.name or _root(graph, other) != root:
             continue
-        if not info.owns_storage.get(inp.name, False):
-            kept.add(node.name)  # the input is a view: its base holds the storage
-        kept |= {u.name for u in node.users if u is not inp and u.name not in own}  # alias readers
+        if not owns:
+            kept.add(other)                           # the input is a view: its base holds the storage
+        kept |= {u.name for u in fx_nodes[other].users if u is not inp and u.name not in own}   # alias readers
     return tuple(sorted(kept))
 
 
@@ -346,13 +302,14 @@ def _input_kept_by(graph: fx.Graph, inp: fx.Node, chain: Sequence[fx.Node], info
 
 def substitute_rev(gm: fx.GraphModule, candidates: Sequence[RevCandidate], *, seed: int = 0,
                    free_input: Mapping[str, bool] | None = None,
-                   example_inputs: Any = None) -> tuple[fx.GraphModule, list[RevReplacement]]:
+                   example_inputs: Any = None) -> tuple[fx.GraphModule, list[RevReplacementRecord]]:
     """A new GraphModule with each candidate replaced by a fresh ReversibleBlock; ``gm`` is untouched.
 
     Non-replaced submodules are shared with ``gm``. Each block's weights come from torch's default
     init under a seed derived from ``seed`` and the candidate's name (the global RNG is restored).
     ``free_input`` overrides the default decision per candidate name (see :func:`default_free_input`);
-    with ``example_inputs`` the output shapes are checked against ``gm``'s.
+    with ``example_inputs`` the output shapes are checked against ``gm``'s (:func:`check_output_shapes`
+    does it on graphs already analysed).
     """
     _check_candidates(gm, candidates)
     decisions = _free_input_decisions(candidates, free_input or {})
@@ -363,7 +320,8 @@ def substitute_rev(gm: fx.GraphModule, candidates: Sequence[RevCandidate], *, se
     graph.lint()
     new_gm.recompile()
     if example_inputs is not None:
-        _check_same_output_shapes(gm, new_gm, example_inputs)
+        inputs = as_tuple(example_inputs)
+        check_output_shapes(analyze(gm, inputs), analyze(new_gm, inputs))
     return new_gm, replacements
 
 
@@ -415,7 +373,7 @@ def _check_candidates(gm: fx.GraphModule, candidates: Sequence[RevCandidate]) ->
 
 
 def _replace_one(gm: fx.GraphModule, new_gm: fx.GraphModule, c: RevCandidate, free: bool,
-                 seed: int) -> RevReplacement:
+                 seed: int) -> RevReplacementRecord:
     graph = new_gm.graph
     conv_node, bn_node, relu_node = (_node_by_name(graph, n) for n in (c.conv_node, c.bn_node, c.relu_node))
     block = _fresh_block(gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target), c, free, seed)
@@ -427,9 +385,9 @@ def _replace_one(gm: fx.GraphModule, new_gm: fx.GraphModule, c: RevCandidate, fr
     relu_node.replace_all_uses_with(new_node)
     for node in (relu_node, bn_node, conv_node):
         graph.erase_node(node)
-    return RevReplacement(candidate=c.name, replaced_modules=c.modules, new_module=path,
-                          original_param_count=c.original_param_count,
-                          new_param_count=sum(p.numel() for p in block.parameters()), free_input=free)
+    return RevReplacementRecord(name=c.name, replaced=c.modules, new_module=path,
+                                params_before=c.original_param_count,
+                                params_after=sum(p.numel() for p in block.parameters()), free_input=free, seed=seed)
 
 
 def _fresh_block(conv: _ConvNd, bn: _BatchNorm, c: RevCandidate, free: bool, seed: int) -> ReversibleBlock:
@@ -464,14 +422,10 @@ def _has_attr_path(root: nn.Module, path: str) -> bool:
     return True
 
 
-def _check_same_output_shapes(gm: fx.GraphModule, new_gm: fx.GraphModule, example_inputs: Any) -> None:
-    """Postcondition: the rewritten module's outputs have the original's shapes (on meta tensors)."""
-    def output_shapes(module: fx.GraphModule) -> list[tuple[int, ...]]:
-        info = _propagate(module, example_inputs)
-        out = next(n for n in module.graph.nodes if n.op == "output")
-        return [info.shapes.get(a.name) for a in pytree.tree_leaves(out.args) if isinstance(a, fx.Node)]
+def check_output_shapes(before: MemGraph, after: MemGraph) -> None:
+    """Postcondition of a substitution: the new graph's outputs have the original's shapes and dtypes."""
+    def signature(g: MemGraph) -> list[tuple]:
+        return [(g.info(n).out_shapes, g.info(n).out_dtypes) for n in g.outputs]
 
-    before, after = output_shapes(gm), output_shapes(new_gm)
-    if before != after:
-        raise AssertionError(f"REV substitution changed output shapes {before} -> {after}")
-
+    if signature(before) != signature(after):
+        raise AssertionError(f"REV substitution changed output shapes {signature(before)} -> {signature(after)}")

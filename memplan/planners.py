@@ -1,0 +1,30 @@
+"""The registered planners, one line each: ``name -> plan_x(graph: MemGraph, options: PlanOptions) -> Plan``.
+
+``PlanOptions(method=name)`` is checked against this table when it is built; :func:`plan_graph`
+runs the chosen one. Each planner simulates (and calibrates) its own plan when ``options.simulate``.
+"""
+from __future__ import annotations
+
+from .baselines import plan_chen, plan_hand
+from .graph import MemGraph
+from .kusumoto import plan_kusumoto
+from .options import PlanOptions
+from .plan import Plan
+from .registry import PLANNERS, lookup
+from .rev.search import plan_rev, plan_rev_only
+
+PLANNERS.update({
+    "auto": plan_kusumoto,        # Kusumoto DP: exact below the lower-set bound, else approximate
+    "exact": plan_kusumoto,       # Kusumoto DP over every lower set
+    "approx": plan_kusumoto,      # Kusumoto DP over "node plus its ancestors" sets and fx-order prefixes
+    "chen": plan_chen,            # Chen et al. 2016, sqrt(n) segments over articulation points
+    "hand": plan_hand,            # checkpointing options.checkpoint_modules by hand
+    "rev": plan_rev,              # GCP + REV (FetusMapV2 §3.1 and joint re-plans); changes the network
+    "rev-only": plan_rev_only,    # REV without GCP (FetusMapV2's UREV); changes the network
+    # "remat": plan_remat,        # memplan/remat.py (rematerialization below the chain floor)
+})
+
+
+def plan_graph(graph: MemGraph, options: PlanOptions) -> Plan:
+    """Plan a traced graph with the planner ``options.method`` names."""
+    return lookup(options.method)(graph, options)
