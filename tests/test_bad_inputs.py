@@ -173,7 +173,7 @@ CASES: list[tuple[str, Callable[[World], object], type, tuple[str, ...]]] = [
     ("plan unknown optimizer", lambda w: memplan.plan(w.net, w.x, optimizer="adamw"), MemplanError,
      ("'adamw'", "choose one of adam, sgd")),
     ("plan unknown method", lambda w: memplan.plan(w.net, w.x, method="greedy"), MemplanError,
-     ("'greedy'", "choose one of auto, exact, approx")),
+     ("'greedy'", "choose one of approx, auto, chen, exact")),
     ("plan budget text", lambda w: memplan.plan(w.net, w.x, budget="12 parsecs"), MemplanError,
      ("'12 parsecs'", "e.g. '12GB'")),
     ("simulate unknown scratch", lambda w: memplan.simulate_step(w.net, w.x, scratch="gpu"), MemplanError,
