@@ -31,6 +31,8 @@ class Segment:
     recompute: bool
     kept_bytes: int
     flops: int
+    rebuilt: tuple[str, ...] = ()    # inputs the segment's checkpoint does not hold (remat planner)
+    rebuild: tuple[str, ...] = ()    # nodes re-run under no_grad to rebuild them when it is recomputed
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class Plan:
             raise MemplanError(f"plan is not valid JSON ({exc}); regenerate it with `memplan optimize --out`") from exc
         if d.get("format") != PLAN_FORMAT:
             raise MemplanError(f"plan format {d.get('format')!r} is not {PLAN_FORMAT}; regenerate the plan")
-        d["segments"] = tuple(Segment(**{**s, "nodes": tuple(s["nodes"]), "kept": tuple(s["kept"])})
+        d["segments"] = tuple(Segment(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
                               for s in d["segments"])
         d["rev"] = tuple(RevReplacementRecord(**{**r, "replaced": tuple(r["replaced"])}) for r in d.get("rev", ()))
         d["notes"] = tuple(d.get("notes", ()))
