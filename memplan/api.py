@@ -42,6 +42,11 @@ def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "ada
     """Plan an already traced graph; when ``simulate``, check the plan with simulate_step and
     tighten the DP's budget until the simulated step fits the requested budget.
     ``pinned`` nodes are never put in a recomputed segment."""
+    if method == "remat":              # below the chain floor: memplan.remat (registry: "remat" -> plan_remat)
+        from .remat import RematOptions, plan_remat
+        return plan_remat(graph, RematOptions(budget_bytes=resolve_budget(budget), optimizer=optimizer, scratch=scratch,
+                                              lower_set_bound=lower_set_bound, loss_fn=loss_fn,
+                                              example_inputs=tuple(example_inputs) if simulate else ()))
     budget_b = resolve_budget(budget)
     opts = PlanOptions(budget_bytes=budget_b, optimizer=optimizer, method=method,
                        lower_set_bound=lower_set_bound, times=times)

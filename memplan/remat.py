@@ -30,6 +30,7 @@ best simulated plan wins. D = {} is Kusumoto's plan: the fallback when nothing b
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -41,14 +42,15 @@ from torch import nn
 from .costmodel import CostArrays, build_costs
 from .errors import BudgetError, MemplanError
 from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
-from .kusumoto import Family, Transitions, least_time, min_budget
+from .kusumoto import Family, Transitions, feasible, least_time
 from .measure import OPTIMIZERS, SCRATCH_MODELS, simulate_step
 from .plan import Plan, Segment, with_simulation
 from .rewrite import rewrite
 from .units import format_bytes
 
-#: Rebuilt FLOPs may make a plan's recompute time exceed one forward; the DP's time axis covers this many.
-TIME_HEADROOM = 4.0
+#: Rebuilt FLOPs may make a plan's recompute time exceed one forward; the DP's time axis covers this many
+#: forwards (at Kusumoto's resolution: time_steps per forward), so D = {} gives exactly Kusumoto's chain.
+TIME_HEADROOM = 2
 #: A rebuild walks back from a dropped tensor until an alive boundary, a graph input, or a tensor this
 #: many times smaller (a downsampled level: cheap to hold, and it stops the walk from re-running the net).
 SOURCE_SHRINK = 2.0
@@ -69,7 +71,8 @@ class RematOptions:
     time_steps: int = 1000
     time_limit_s: float = 25.0
     max_rounds: int = 12
-    candidates_per_round: int = 8
+    candidates_per_round: int = 6
+    extra_rated: int = 6             # best-scoring candidates the greedy did not accept, also simulated
     example_inputs: tuple = field(default=(), compare=False, hash=False)
     loss_fn: Callable | None = field(default=None, compare=False, hash=False)
 
@@ -86,18 +89,21 @@ class RematOptions:
 
 
 def impure_nodes(graph: MemGraph) -> frozenset[str]:
-    """Nodes a no_grad rebuild must not re-run: random ops (dropout; their RNG is not replayed there)
-    and views or in-place ops (re-running one could write into a tensor that is still in use)."""
+    """Nodes a no_grad rebuild must not re-run: random ops (dropout with p > 0; their RNG is not
+    replayed there) and in-place ops (re-running one would write into a tensor that is still in use)."""
     out = set()
-    for info in graph:
-        node = next(n for n in graph.gm.graph.nodes if n.name == info.name)
-        random = any(k in info.target.lower() for k in _RANDOM_TARGETS)
+    for node in graph.gm.graph.nodes:
+        if node.name not in graph.dag:
+            continue
+        target = graph.info(node.name).target.lower()
+        random = any(k in target for k in _RANDOM_TARGETS) and float(node.kwargs.get("p", 0.5) or 0.0) > 0
+        inplace = bool(node.kwargs.get("inplace", False)) or (target.endswith("_") and not target.startswith("_"))
         if node.op == "call_module":
             mod = graph.gm.get_submodule(node.target)
-            random = random or isinstance(mod, (nn.modules.dropout._DropoutNd, nn.AlphaDropout))
-            random = random or bool(getattr(mod, "inplace", False))
-        if random or info.alias_of is not None or info.out_bytes == 0 or node.kwargs.get("inplace", False):
-            out.add(info.name)
+            random = isinstance(mod, (nn.modules.dropout._DropoutNd, nn.AlphaDropout)) and mod.p > 0
+            inplace = bool(getattr(mod, "inplace", False))
+        if random or inplace:
+            out.add(node.name)
     return frozenset(out)
 
 
@@ -105,7 +111,8 @@ def droppable_nodes(graph: MemGraph) -> frozenset[str]:
     """Nodes that may be dropped: pure, own their storage, read by someone, not a graph output."""
     bad = impure_nodes(graph)
     return frozenset(n for n in graph.order if n not in bad and n not in graph.outputs
-                     and graph.dag.out_degree(n) > 0)
+                     and graph.dag.out_degree(n) > 0 and graph.info(n).alias_of is None
+                     and graph.info(n).out_bytes > 0)
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,7 @@ class RematFamily(Family):
                     self.savers[root[idx[s]]].append(i)
         self.impure = impure
         self._closures: dict[tuple[int, int], tuple[int, tuple[int, ...]] | None] = {}
+        self._unions: dict[tuple[int, tuple[int, ...]], tuple | None] = {}
 
     def closure(self, a: int, u: int) -> tuple[int, tuple[int, ...]] | None:
         """(nodes re-run, sources) that rebuild dropped node ``u`` from what is alive at set ``a``; None if
@@ -173,20 +181,26 @@ class RematFamily(Family):
     def rebuild(self, a: int, inputs: tuple[int, ...], block: np.ndarray) -> Rebuild | None:
         """The rebuild of dropped ``inputs`` (boundary nodes of set ``a``) for a block (bool vector)."""
         c = self.base
-        nodes, sources = 0, set()
-        for u in inputs:
-            got = self.closure(a, u)
-            if got is None:
-                return None
-            nodes |= got[0]
-            sources |= set(got[1])
-        members = [w for w in range(c.n) if nodes >> w & 1]
-        work = max(c.out_b[w] + sum(c.out_b[p] for p in self.preds[w]) for w in members)
+        key = (a, inputs)
+        if key not in self._unions:
+            nodes, sources = 0, set()
+            for u in inputs:
+                got = self.closure(a, u)
+                if got is None:
+                    self._unions[key] = None
+                    return None
+                nodes |= got[0]
+                sources |= set(got[1])
+            members = [w for w in range(c.n) if nodes >> w & 1]
+            work = max(c.out_b[w] + sum(c.out_b[p] for p in self.preds[w]) for w in members)
+            self._unions[key] = (nodes, float(c.flops[members].sum()), float(work), tuple(sorted(sources)))
+        if self._unions[key] is None:
+            return None
+        nodes, flops, work, sources = self._unions[key]
         alive = self.bnd[a]
         hold = sum(c.out_b[s] for s in sources if not (alive[s] and self.cz.needed_b[s] > 0)
                    and not (alive[s] and any(block[x] for x in c.succ_lists[s])))
-        return Rebuild(inputs=inputs, nodes=nodes, flops=float(c.flops[members].sum()), work_b=float(work),
-                       hold_b=float(hold))
+        return Rebuild(inputs=inputs, nodes=nodes, flops=flops, work_b=work, hold_b=float(hold))
 
     def dropped_inputs(self, a: int, v: np.ndarray) -> list[tuple[int, ...]]:
         """Per target block (rows of ``v``): the dropped boundary nodes of set ``a`` it reads."""
@@ -322,10 +336,25 @@ def lower_set_masks(graph: MemGraph, bound: int) -> tuple[list[int], str, str, i
     return masks, "approx", f"more than {bound} lower sets", None
 
 
+def least_budget(family: Family, rel_tol: float = 1e-3) -> float:
+    """The smallest feasible budget to within ``rel_tol`` (binary search on kusumoto.feasible); coarser
+    than kusumoto.min_budget's byte-exact search, so the greedy's many solves stay cheap."""
+    c = family.c
+    lo = float(c.static_bytes)
+    hi = float(c.static_bytes + 2 * c.out_b.sum() + c.extra_b.sum() + c.work_b.max(initial=0)
+               + c.scratch_b.max(initial=0)) + 1.0
+    while not feasible(family, hi):
+        hi *= 2
+    while hi - lo > rel_tol * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if feasible(family, mid) else (mid, hi)
+    return float(math.ceil(hi))
+
+
 def solve(family: RematFamily, budget_b: float | None, time_steps: int) -> Candidate | None:
     """The DP for one D: least memory (budget None), or least time within ``budget_b``; None if infeasible."""
-    budget = min_budget(family) if budget_b is None else float(budget_b)
-    result = least_time(family, budget, time_steps=time_steps)
+    budget = least_budget(family) if budget_b is None else float(budget_b)
+    result = least_time(family, budget, time_steps=time_steps * TIME_HEADROOM)
     if result is None:
         return None
     peak, t = family.chain_cost(result.chain)
@@ -341,11 +370,13 @@ def _score(x: Candidate, fam_kept_b: float, memory_centric: bool) -> tuple[float
 
 
 def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOptions,
-           deadline: float) -> tuple[list[Candidate], str]:
-    """Candidates the greedy accepts (the first is D = {}, Kusumoto's chain) and why it stopped.
+           deadline: float) -> tuple[list[Candidate], list[Candidate], str]:
+    """Candidates the greedy accepts (the first is D = {}, Kusumoto's chain), then the ``extra_rated``
+    best-scoring ones it did not (the cost model can misjudge a plateau), and why it stopped.
 
-    Each round drops the kept tensor whose dropping scores best (``_score``), then tries to take each
-    dropped tensor back (keeping it may have become better); it stops when no move improves the score.
+    Each round tries to drop one kept tensor, or one with the same-resolution ancestors its rebuild
+    re-runs (dropping a skip alone only moves the keeping to its producer), or to take back one
+    tensor the last move dropped, and makes the move that scores best (``_score``); it stops when none improves.
     """
     impure = frozenset(graph.index(n) for n in impure_nodes(graph))
     droppable = {graph.index(n) for n in droppable_nodes(graph)}
@@ -366,17 +397,23 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
             found[dropped] = cand
         return seen[dropped]
 
-    if run(frozenset()) is None:
-        raise BudgetError(f"no chain fits the budget {format_bytes(opts.budget_bytes or 0)}; raise the budget",
+    if run(frozenset()) is None:       # plan_remat answers this with the least-memory plan
+        raise BudgetError(f"no chain fits the DP budget {format_bytes(opts.budget_bytes or 0)}",
                           budget_bytes=int(opts.budget_bytes or 0), min_feasible_bytes=0)
-    cur = frozenset()
+    cur, recent = frozenset(), frozenset()     # recent: dropped by the last move, tried back next round
     accepted, why = [found[cur]], f"{opts.max_rounds} rounds done"
     for _ in range(opts.max_rounds):
         fam = RematFamily(costs, masks, graph, cur, impure)
         kept = _kept_nodes(fam, found[cur].chain)
         adds = sorted((u for u in kept if u in droppable and u not in cur),
                       key=lambda u: -costs.out_b[u])[:opts.candidates_per_round]
-        moves = [cur | {u} for u in adds] + [cur - {u} for u in cur]
+        groups = []
+        for u in adds:                       # u with the same-resolution ancestors its rebuild re-runs
+            walk = fam.closure(0, u)
+            group = frozenset(w for w in range(costs.n) if walk is not None and walk[0] >> w & 1) & droppable
+            if len(group) > 1:
+                groups.append(cur | group)
+        moves = list(dict.fromkeys([cur | {u} for u in adds] + groups + [cur - {u} for u in sorted(recent)]))
         best, best_score = None, seen[cur]
         for d in moves:
             if time.perf_counter() > deadline:
@@ -388,11 +425,13 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
         if best is None:
             why = why if why == "time limit" else "no move improves the plan"
             break
+        recent = (best - cur) | (recent & best)
         cur = best
         accepted.append(found[cur])
         if why == "time limit":
             break
-    return accepted, why
+    ranked = sorted((d for d in found if d not in {c.dropped for c in accepted}), key=lambda d: seen[d])
+    return accepted, [found[d] for d in ranked[:opts.extra_rated]], why
 
 
 def _kept_bytes(fam: RematFamily, chain: tuple[int, ...]) -> list[float]:
@@ -416,6 +455,55 @@ def _kept_nodes(fam: RematFamily, chain: tuple[int, ...]) -> list[int]:
     return out
 
 
+def calibrated_budget(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOptions,
+                      rounds: int = 4) -> int:
+    """The DP budget whose Kusumoto chain simulates closest under ``opts.budget_bytes`` (the cost model is
+    pessimistic by a few percent): moved by the simulation's error, as memplan.plan calibrates."""
+    budget = int(opts.budget_bytes)
+    fam = Family(costs, masks)
+    target, best, best_time, last = budget, None, float("inf"), None
+    for _ in range(rounds):
+        result = least_time(fam, float(target), time_steps=opts.time_steps)
+        if result is None or result.chain == last:
+            break
+        last = result.chain
+        fam_d = RematFamily(costs, masks, graph, frozenset(), frozenset())
+        plan = Plan(segments=fam_d.segments(graph, result.chain), predicted_peak_bytes=0, predicted_overhead=0.0,
+                    vanilla_peak_bytes=0, budget_bytes=budget, objective="time-centric", method="remat",
+                    method_reason="calibration", lower_set_count=None, fingerprint=graph.fingerprint(),
+                    optimizer=opts.optimizer, static_bytes=costs.static_bytes, planning_time_s=0.0)
+        sim = simulate_step(rewrite(graph, plan), opts.example_inputs, loss_fn=opts.loss_fn, optimizer=opts.optimizer,
+                            scratch=opts.scratch).peak_bytes
+        if sim <= budget:
+            if best is not None and result.time >= best_time:
+                break                                   # loosening stopped paying
+            best, best_time = target, result.time
+            if budget - sim < 0.01 * budget:
+                break
+            target += budget - sim
+        elif best is not None:
+            break
+        else:
+            target -= sim - budget
+    return int(best if best is not None else budget)
+
+
+def least_memory_within(graph: MemGraph, options: RematOptions) -> Plan:
+    """The least-memory plan when the cost model finds no chain under the budget: returned if its
+    simulated peak fits (the cost model is pessimistic), else a BudgetError with that peak."""
+    least = plan_remat(graph, dataclasses.replace(options, budget_bytes=None))
+    reach = least.simulated_peak_bytes if least.simulated_peak_bytes is not None else least.predicted_peak_bytes
+    if reach > options.budget_bytes:
+        raise BudgetError(
+            f"budget {format_bytes(options.budget_bytes)} is below the smallest peak the remat planner reaches, "
+            f"{format_bytes(reach)} (optimizer {options.optimizer}); raise the budget to at least "
+            f"{format_bytes(reach)}, use a smaller input or batch, or a lighter optimizer",
+            budget_bytes=int(options.budget_bytes), min_feasible_bytes=int(reach))
+    return dataclasses.replace(least, budget_bytes=options.budget_bytes, objective="time-centric",
+                               notes=least.notes + ("budget below the cost model's floor; the least-memory "
+                                                    "remat plan meets it in simulation",))
+
+
 def plan_remat(graph: MemGraph, options: RematOptions) -> Plan:
     """Plan ``graph`` with dropped tensors: least memory without a budget, else least recompute under it.
 
@@ -427,7 +515,15 @@ def plan_remat(graph: MemGraph, options: RematOptions) -> Plan:
     costs = build_costs(graph, optimizer=options.optimizer, scratch=scratch)
     masks, family_kind, family_why, count = lower_set_masks(graph, options.lower_set_bound)
     impure = frozenset(graph.index(n) for n in impure_nodes(graph))
-    accepted, stop = greedy(graph, costs, masks, options, t0 + options.time_limit_s)
+    internal = options
+    if options.budget_bytes is not None and options.example_inputs:
+        internal = dataclasses.replace(options, budget_bytes=calibrated_budget(graph, costs, masks, options))
+    try:
+        accepted, extras, stop = greedy(graph, costs, masks, internal, t0 + 0.7 * options.time_limit_s)
+    except BudgetError:
+        if options.budget_bytes is None:
+            raise
+        return least_memory_within(graph, options)
     vanilla_chain = tuple((1 << (i + 1)) - 1 for i in range(len(graph)))
     from .costmodel import chain_cost
     vanilla_peak = chain_cost(costs, list(vanilla_chain))[0]
@@ -443,11 +539,21 @@ def plan_remat(graph: MemGraph, options: RematOptions) -> Plan:
                     optimizer=options.optimizer, static_bytes=costs.static_bytes, planning_time_s=0.0,
                     notes=graph.trace_notes)
 
-    plans = [to_plan(c) for c in accepted]
     vanilla_sim = None
     if options.example_inputs:
-        sims = [simulate_step(rewrite(graph, p), options.example_inputs, loss_fn=options.loss_fn,
-                              optimizer=options.optimizer, scratch=options.scratch).peak_bytes for p in plans]
+        def sim(c: Candidate) -> int:
+            return simulate_step(rewrite(graph, to_plan(c)), options.example_inputs, loss_fn=options.loss_fn,
+                                 optimizer=options.optimizer, scratch=options.scratch).peak_bytes
+
+        rated_first = [accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]
+        rest = accepted[1:-1][::-1] + extras               # the latest accepted first, then the extras
+        sims = [sim(c) for c in rated_first]
+        for c in rest:                                     # as many as the time limit allows
+            if time.perf_counter() > t0 + options.time_limit_s:
+                break
+            sims.append(sim(c))
+        accepted = (rated_first + rest)[:len(sims)]
+        plans = [to_plan(c) for c in accepted]
         vanilla_sim = simulate_step(graph.gm, options.example_inputs, loss_fn=options.loss_fn,
                                     optimizer=options.optimizer, scratch=options.scratch).peak_bytes
         plans = [with_simulation(p, s, vanilla_sim) for p, s in zip(plans, sims)]
@@ -458,6 +564,7 @@ def plan_remat(graph: MemGraph, options: RematOptions) -> Plan:
             pick = min(fits, key=lambda i: plans[i].predicted_overhead) if fits else 0
         rated = "simulated"
     else:
+        plans = [to_plan(c) for c in accepted]
         pick, rated = len(plans) - 1, "cost model"
     chosen = accepted[pick]
     names = [graph.order[u] for u in sorted(chosen.dropped)]
@@ -466,6 +573,6 @@ def plan_remat(graph: MemGraph, options: RematOptions) -> Plan:
                f"greedy stopped: {stop})")
     else:
         why = (f"remat: Kusumoto DP ({family_kind}, {family_why}) with {len(names)} dropped tensor(s) "
-               f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}), best of {len(plans)} greedy "
-               f"candidates by {rated} peak; greedy stopped: {stop}")
+               f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}), best of {len(plans)} "
+               f"greedy candidates by {rated} peak; greedy stopped: {stop}")
     return dataclasses.replace(plans[pick], method_reason=why, planning_time_s=time.perf_counter() - t0)
