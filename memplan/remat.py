@@ -488,6 +488,42 @@ def calibrated_budget(graph: MemGraph, costs: CostArrays, masks: list[int], opts
     return int(best if best is not None else budget)
 
 
+def plan_for_dropped(graph: MemGraph, dropped, options: RematOptions) -> Plan:
+    """The DP's best chain for a given set of dropped node names (no search, no simulation): for
+    hand-made schedules and for checking the planner.
+
+    >>> import torch, memplan
+    >>> net = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(2, 1, 1))
+    >>> g = memplan.trace(net, torch.empty(1, 1, 64, device="meta"))
+    >>> p = plan_for_dropped(g, ["_1"], RematOptions(optimizer="sgd"))
+    >>> [(s.nodes, s.recompute, s.kept) for s in p.segments]      # _1 is recomputed, never kept
+    [(('_0', '_1', '_2'), True, ('_2',))]
+    """
+    names = list(dropped)
+    allowed = droppable_nodes(graph)
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise MemplanError(f"nodes {bad} cannot be dropped (not in the graph, a graph output, a view, in place, "
+                           f"random or unread); droppable nodes are e.g. {sorted(allowed)[:5]}")
+    costs = build_costs(graph, optimizer=options.optimizer,
+                        scratch={i.name: i.scratch_cpu_bytes for i in graph} if options.scratch == "cpu" else None)
+    masks, kind, why, count = lower_set_masks(graph, options.lower_set_bound)
+    impure = frozenset(graph.index(n) for n in impure_nodes(graph))
+    fam = RematFamily(costs, masks, graph, frozenset(graph.index(n) for n in names), impure)
+    cand = solve(fam, options.budget_bytes, options.time_steps)
+    if cand is None:
+        raise BudgetError(f"no chain with dropped {names} fits {format_bytes(options.budget_bytes or 0)}; "
+                          "raise the budget or drop other nodes", budget_bytes=int(options.budget_bytes or 0),
+                          min_feasible_bytes=int(least_budget(fam)))
+    fwd = float(costs.flops.sum()) or 1.0
+    return Plan(segments=fam.segments(graph, cand.chain), predicted_peak_bytes=int(cand.peak_b),
+                predicted_overhead=cand.time / fwd, vanilla_peak_bytes=0, budget_bytes=options.budget_bytes,
+                objective="memory-centric" if options.budget_bytes is None else "time-centric", method="remat",
+                method_reason=f"given dropped nodes {names}; Kusumoto DP ({kind}, {why})", lower_set_count=count,
+                fingerprint=graph.fingerprint(), optimizer=options.optimizer, static_bytes=costs.static_bytes,
+                planning_time_s=0.0, notes=graph.trace_notes)
+
+
 def least_memory_within(graph: MemGraph, options: RematOptions) -> Plan:
     """The least-memory plan when the cost model finds no chain under the budget: returned if its
     simulated peak fits (the cost model is pessimistic), else a BudgetError with that peak."""
