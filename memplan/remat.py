@@ -54,6 +54,8 @@ TIME_HEADROOM = 2
 #: A rebuild walks back from a dropped tensor until an alive boundary, a graph input, or a tensor this
 #: many times smaller (a downsampled level: cheap to hold, and it stops the walk from re-running the net).
 SOURCE_SHRINK = 2.0
+_INPLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+                                "ixor", "ilshift", "irshift", "imatmul"})
 _RANDOM_TARGETS = ("dropout", "bernoulli", "rand", "normal_", "uniform_", "multinomial")
 
 
@@ -69,7 +71,7 @@ class RematOptions:
     scratch: str = "none"
     lower_set_bound: int = DEFAULT_LOWER_SET_BOUND
     time_steps: int = 1000
-    time_limit_s: float = 25.0
+    time_limit_s: float = 20.0
     max_rounds: int = 12
     candidates_per_round: int = 6
     extra_rated: int = 6             # best-scoring candidates the greedy did not accept, also simulated
@@ -97,7 +99,8 @@ def impure_nodes(graph: MemGraph) -> frozenset[str]:
             continue
         target = graph.info(node.name).target.lower()
         random = any(k in target for k in _RANDOM_TARGETS) and float(node.kwargs.get("p", 0.5) or 0.0) > 0
-        inplace = bool(node.kwargs.get("inplace", False)) or (target.endswith("_") and not target.startswith("_"))
+        inplace = (bool(node.kwargs.get("inplace", False)) or target in _INPLACE_OPERATORS
+                   or (target.endswith("_") and not target.startswith("_")))
         if node.op == "call_module":
             mod = graph.gm.get_submodule(node.target)
             random = isinstance(mod, (nn.modules.dropout._DropoutNd, nn.AlphaDropout)) and mod.p > 0
@@ -524,10 +527,23 @@ def plan_for_dropped(graph: MemGraph, dropped, options: RematOptions) -> Plan:
                 planning_time_s=0.0, notes=graph.trace_notes)
 
 
+def rebuild_notes(graph: MemGraph, segments: tuple[Segment, ...]) -> tuple[str, ...]:
+    """One line per segment that rebuilds inputs: what, from which held tensors, how many nodes re-run."""
+    out = []
+    for s in segments:
+        if s.rebuilt:
+            inside = set(s.rebuild)
+            sources = sorted({p for r in s.rebuild for p in graph.dag.predecessors(r) if p not in inside}
+                             | ({"the graph input"} if any(graph.dag.in_degree(r) == 0 for r in s.rebuild) else set()))
+            out.append(f"segment {s.index} does not hold {', '.join(s.rebuilt)}: rebuilt in backward from "
+                       f"{', '.join(sources)} ({len(s.rebuild)} nodes re-run under no_grad)")
+    return tuple(out)
+
+
 def least_memory_within(graph: MemGraph, options: RematOptions) -> Plan:
-    """The least-memory plan when the cost model finds no chain under the budget: returned if its
-    simulated peak fits (the cost model is pessimistic), else a BudgetError with that peak."""
-    least = plan_remat(graph, dataclasses.replace(options, budget_bytes=None))
+    """When the cost model finds no chain under the budget: of the least-memory search's candidates, the
+    least recompute that simulates within it (the cost model is pessimistic), else a BudgetError."""
+    least = plan_remat(graph, dataclasses.replace(options, budget_bytes=None), fit_bytes=options.budget_bytes)
     reach = least.simulated_peak_bytes if least.simulated_peak_bytes is not None else least.predicted_peak_bytes
     if reach > options.budget_bytes:
         raise BudgetError(
@@ -540,11 +556,12 @@ def least_memory_within(graph: MemGraph, options: RematOptions) -> Plan:
                                                     "remat plan meets it in simulation",))
 
 
-def plan_remat(graph: MemGraph, options: RematOptions) -> Plan:
+def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None = None) -> Plan:
     """Plan ``graph`` with dropped tensors: least memory without a budget, else least recompute under it.
 
     Every accepted candidate is rated by simulate_step when ``options.example_inputs`` are given;
-    the plan's method_reason says which candidate won and why (or that Kusumoto's chain did).
+    the plan's method_reason says which candidate won and why (or that Kusumoto's chain did). With
+    ``fit_bytes`` (and no budget), the least-recompute candidate simulating within it wins instead.
     """
     t0 = time.perf_counter()
     scratch = {i.name: i.scratch_cpu_bytes for i in graph} if options.scratch == "cpu" else None
@@ -567,13 +584,14 @@ def plan_remat(graph: MemGraph, options: RematOptions) -> Plan:
     def to_plan(cand: Candidate) -> Plan:
         fam = RematFamily(costs, masks, graph, cand.dropped, impure)
         fwd = float(costs.flops.sum()) or 1.0
-        return Plan(segments=fam.segments(graph, cand.chain), predicted_peak_bytes=int(cand.peak_b),
+        segments = fam.segments(graph, cand.chain)
+        return Plan(segments=segments, predicted_peak_bytes=int(cand.peak_b),
                     predicted_overhead=cand.time / fwd, vanilla_peak_bytes=int(vanilla_peak),
                     budget_bytes=options.budget_bytes,
                     objective="memory-centric" if options.budget_bytes is None else "time-centric",
                     method="remat", method_reason="", lower_set_count=count, fingerprint=graph.fingerprint(),
                     optimizer=options.optimizer, static_bytes=costs.static_bytes, planning_time_s=0.0,
-                    notes=graph.trace_notes)
+                    notes=graph.trace_notes + rebuild_notes(graph, segments))
 
     vanilla_sim = None
     if options.example_inputs:
@@ -593,10 +611,11 @@ def plan_remat(graph: MemGraph, options: RematOptions) -> Plan:
         vanilla_sim = simulate_step(graph.gm, options.example_inputs, loss_fn=options.loss_fn,
                                     optimizer=options.optimizer, scratch=options.scratch).peak_bytes
         plans = [with_simulation(p, s, vanilla_sim) for p, s in zip(plans, sims)]
-        if options.budget_bytes is None:
+        limit = options.budget_bytes if options.budget_bytes is not None else fit_bytes
+        fits = [i for i in range(len(plans)) if limit is not None and sims[i] <= limit]
+        if not fits:
             pick = min(range(len(plans)), key=lambda i: (sims[i], plans[i].predicted_overhead))
         else:
-            fits = [i for i in range(len(plans)) if sims[i] <= options.budget_bytes]
             pick = min(fits, key=lambda i: plans[i].predicted_overhead) if fits else 0
         rated = "simulated"
     else:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .bnfreeze import restored_buffers
+from .errors import PlanMismatchError
 from .graph import MemGraph
 from .plan import Plan, check_plan
 
@@ -247,7 +248,8 @@ def remat_segment(gm: torch.fx.GraphModule, members: list[torch.fx.Node], inputs
     """The RematSegment for ``seg`` and the outer nodes it is called with (held, sources, rebuilt)."""
     rebuilt = [a for a in inputs if a.name in seg.rebuilt]
     if len(rebuilt) != len(seg.rebuilt):
-        raise AssertionError(f"segment {seg.index}: rebuilt {seg.rebuilt} are not all inputs of it")
+        raise PlanMismatchError(f"segment {seg.index} rebuilds {list(seg.rebuilt)}, but its inputs are "
+                                f"{[a.name for a in inputs]}; re-plan with memplan.plan(..., method='remat')")
     held = [a for a in inputs if a not in rebuilt]
     closure, sources = rebuild_closure(rebuilt, set(seg.rebuild), tensor_nodes)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -246,3 +246,14 @@ def test_budget_mode_recomputes_no_more_than_kusumoto():
     rem = memplan.plan(net, x, scratch="none", budget=budget, method="remat")
     assert rem.simulated_peak_bytes <= budget
     assert rem.predicted_overhead <= kus.predicted_overhead + 1e-9
+
+
+def test_a_plan_rebuilding_a_non_input_is_refused():
+    net = TinyUNet1D()
+    x = torch.randn(1, 1, 16)
+    g = memplan.trace(net, x)
+    plan = plan_for_dropped(g, ["relu"], RematOptions(optimizer="sgd"))
+    bad = dataclasses.replace(plan, segments=tuple(dataclasses.replace(s, rebuilt=("c1",)) if s.rebuilt else s
+                                                   for s in plan.segments))
+    with pytest.raises(memplan.PlanMismatchError, match="rebuilds"):
+        memplan.compile(net, x, plan=bad)
