@@ -237,6 +237,7 @@ def test_remat_options_and_dropped_names_are_validated():
         plan_for_dropped(g, ["c3"], RematOptions())            # a graph output
 
 
+@pytest.mark.slow
 def test_budget_mode_recomputes_no_more_than_kusumoto():
     net = TinyUNet3D(width=4)
     x = torch.empty(1, 1, 32, 32, 32, device="meta")
