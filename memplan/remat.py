@@ -23,9 +23,18 @@ lower sets with these block costs (V = L' minus L, R = dropped boundaries of L t
   peak(V)      = Kusumoto's peak, with dropped nodes of V rebuilt like interior ones, dropped
                  inputs alive until their first saver in V, and the rebuild's working set at the start
 
-D grows greedily (the kept tensor whose dropping lowers the DP's optimum most, one per round) under
-a time limit; every chain the greedy accepts is rated by simulate_step, the one simulator, and the
-best simulated plan wins. D = {} is Kusumoto's plan: the fallback when nothing beats it.
+D grows greedily under a time limit: each round drops one kept tensor, or one with the same-resolution
+ancestors its rebuild re-runs (a skip alone only moves the keeping to its producer), or takes one back,
+scored by the DP's optimum and then by the bytes the chain keeps (to cross plateaus where several
+blocks tie at the peak). The cost model is a few percent pessimistic and can misjudge which block
+binds, so the chains the greedy accepts and the best ones it did not are rated by simulate_step, the
+one simulator, and the best simulated plan wins. D = {} is Kusumoto's plan: the fallback when nothing
+beats it. Under a budget, the DP's budget is first calibrated by simulation as memplan.plan does, and
+the least recompute that simulates within the budget wins.
+
+Limits: the rebuild stops at dropout (not replayed outside checkpoint's RNG handling) and in-place
+ops; a rebuild source that is not an alive boundary is charged as held for the whole block (an upper
+bound); the greedy is a heuristic (tests check the DP against brute force for every D on a small graph).
 """
 from __future__ import annotations
 
