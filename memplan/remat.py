@@ -120,9 +120,11 @@ def impure_nodes(graph: MemGraph) -> frozenset[str]:
 
 
 def droppable_nodes(graph: MemGraph) -> frozenset[str]:
-    """Nodes that may be dropped: pure, own their storage, read by someone, not a graph output."""
+    """Nodes that may be dropped: pure, own their storage, not written in place later (a rebuild would
+    give the value before the write), read by someone, not a graph output."""
     bad = impure_nodes(graph)
-    return frozenset(n for n in graph.order if n not in bad and n not in graph.outputs
+    written = {_root(graph, n) for n in bad if graph.info(n).alias_of is not None}
+    return frozenset(n for n in graph.order if n not in bad and n not in written and n not in graph.outputs
                      and graph.dag.out_degree(n) > 0 and graph.info(n).alias_of is None
                      and graph.info(n).out_bytes > 0)
 

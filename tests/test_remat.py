@@ -258,3 +258,24 @@ def test_a_plan_rebuilding_a_non_input_is_refused():
                                                    for s in plan.segments))
     with pytest.raises(memplan.PlanMismatchError, match="rebuilds"):
         memplan.compile(net, x, plan=bad)
+
+
+class InPlaceSkip(nn.Module):
+    """A skip that an in-place ReLU writes after its first reader: it must not be dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(1, 2, 3, padding=1), nn.Conv1d(2, 2, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        s = self.c1(x)
+        y = self.c2(s)
+        return self.act(s) + y
+
+
+def test_tensors_written_in_place_and_dropout_are_never_dropped():
+    g = memplan.trace(InPlaceSkip(), torch.empty(1, 1, 16, device="meta"))
+    assert "act" in impure_nodes(g) and "c1" not in droppable_nodes(g)
+    g = memplan.trace(TinyUNet3D(width=2, dropout=0.3), torch.empty(1, 1, 8, 8, 8, device="meta"))
+    assert {"bottom_1"} <= impure_nodes(g) and "bottom_1" not in droppable_nodes(g)
