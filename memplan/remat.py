@@ -51,7 +51,7 @@ from torch import nn
 from .costmodel import CostArrays, build_costs
 from .errors import BudgetError, MemplanError
 from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
-from .kusumoto import Family, Transitions, feasible, least_time
+from .kusumoto import Family, Transitions, feasible, least_time, min_kept
 from .measure import OPTIMIZERS, SCRATCH_MODELS, simulate_step
 from .plan import Plan, Segment, with_simulation
 from .rewrite import rewrite
@@ -80,7 +80,7 @@ class RematOptions:
     scratch: str = "none"
     lower_set_bound: int = DEFAULT_LOWER_SET_BOUND
     time_steps: int = 1000
-    time_limit_s: float = 20.0
+    time_limit_s: float = 18.0
     max_rounds: int = 12
     candidates_per_round: int = 6
     extra_rated: int = 6             # best-scoring candidates the greedy did not accept, also simulated
@@ -357,8 +357,12 @@ def least_budget(family: Family, rel_tol: float = 1e-3) -> float:
     lo = float(c.static_bytes)
     hi = float(c.static_bytes + 2 * c.out_b.sum() + c.extra_b.sum() + c.work_b.max(initial=0)
                + c.scratch_b.max(initial=0)) + 1.0
-    while not feasible(family, hi):
+    for _ in range(64):
+        if feasible(family, hi):
+            break
         hi *= 2
+    else:
+        return float("inf")
     while hi - lo > rel_tol * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if feasible(family, mid) else (mid, hi)
@@ -375,12 +379,17 @@ def solve(family: RematFamily, budget_b: float | None, time_steps: int) -> Candi
     return Candidate(dropped=family.dropped, chain=result.chain, peak_b=peak, time=t, budget_b=budget)
 
 
+def _sig(x: float) -> float:
+    """``x`` to 4 significant digits: scores that differ by less are ties."""
+    return float(f"{x:.4g}")
+
+
 def _score(x: Candidate, fam_kept_b: float, memory_centric: bool) -> tuple[float, float, float]:
     """Greedy order: least memory first (budget, then the bytes the chain keeps, to cross plateaus where
     several blocks tie at the peak), or least time under a budget."""
     if memory_centric:
-        return (round(x.budget_b / 2**20, 1), round(fam_kept_b / 2**20, 1), x.time)
-    return (x.time, round(x.budget_b / 2**20, 1), round(fam_kept_b / 2**20, 1))
+        return (_sig(x.budget_b), _sig(fam_kept_b), x.time)
+    return (x.time, _sig(x.budget_b), _sig(fam_kept_b))
 
 
 def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOptions,
@@ -396,29 +405,41 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
     droppable = {graph.index(n) for n in droppable_nodes(graph)}
     memory_centric = opts.budget_bytes is None
     seen: dict[frozenset[int], tuple | None] = {}
+    fams: dict[frozenset[int], RematFamily] = {}
+    floors: dict[frozenset[int], float] = {}
     found: dict[frozenset[int], Candidate] = {}
 
     def run(dropped: frozenset[int]):
+        """The score of a D. Least memory: (DP floor, least kept bytes at it) straight from min_kept, no
+        time DP (the chain is solved only for the candidates kept); under a budget: the least time."""
         if dropped in seen:
             return seen[dropped]
-        fam = RematFamily(costs, masks, graph, dropped, impure)
-        try:
-            cand = solve(fam, opts.budget_bytes, opts.time_steps)
-        except AssertionError:
-            cand = None
-        seen[dropped] = None if cand is None else _score(cand, sum(_kept_bytes(fam, cand.chain)), memory_centric)
+        fam = fams[dropped] = RematFamily(costs, masks, graph, dropped, impure)
+        if memory_centric:
+            floor = floors[dropped] = least_budget(fam)
+            kept = float(min_kept(fam, floor)[-1]) if np.isfinite(floor) else np.inf
+            seen[dropped] = (_sig(floor), _sig(kept)) if np.isfinite(kept) else None
+            return seen[dropped]
+        cand = solve(fam, opts.budget_bytes, opts.time_steps)
+        seen[dropped] = None if cand is None else _score(cand, sum(_kept_bytes(fam, cand.chain)), False)
         if cand is not None:
             found[dropped] = cand
         return seen[dropped]
+
+    def candidate(dropped: frozenset[int]) -> Candidate:
+        if dropped not in found:
+            fam = fams[dropped]
+            found[dropped] = solve(fam, floors[dropped], opts.time_steps)
+        return found[dropped]
 
     if run(frozenset()) is None:       # plan_remat answers this with the least-memory plan
         raise BudgetError(f"no chain fits the DP budget {format_bytes(opts.budget_bytes or 0)}",
                           budget_bytes=int(opts.budget_bytes or 0), min_feasible_bytes=0)
     cur, recent = frozenset(), frozenset()     # recent: dropped by the last move, tried back next round
-    accepted, why = [found[cur]], f"{opts.max_rounds} rounds done"
+    accepted, why = [candidate(cur)], f"{opts.max_rounds} rounds done"
     for _ in range(opts.max_rounds):
         fam = RematFamily(costs, masks, graph, cur, impure)
-        kept = _kept_nodes(fam, found[cur].chain)
+        kept = _kept_nodes(fam, candidate(cur).chain)
         adds = sorted((u for u in kept if u in droppable and u not in cur),
                       key=lambda u: -costs.out_b[u])[:opts.candidates_per_round]
         groups = []
@@ -441,11 +462,12 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
             break
         recent = (best - cur) | (recent & best)
         cur = best
-        accepted.append(found[cur])
+        accepted.append(candidate(cur))
         if why == "time limit":
             break
-    ranked = sorted((d for d in found if d not in {c.dropped for c in accepted}), key=lambda d: seen[d])
-    return accepted, [found[d] for d in ranked[:opts.extra_rated]], why
+    taken = {c.dropped for c in accepted}
+    ranked = sorted((d for d in seen if seen[d] is not None and d not in taken), key=lambda d: seen[d])
+    return accepted, [candidate(d) for d in ranked[:opts.extra_rated]], why
 
 
 def _kept_bytes(fam: RematFamily, chain: tuple[int, ...]) -> list[float]:

@@ -151,7 +151,7 @@ def test_remat_goes_below_kusumoto_on_a_unet_where_the_chain_floor_binds():
     assert (static, floor) == (476_144, 3_097_584)
     assert kus.simulated_peak_bytes >= floor + u          # Kusumoto keeps the level-0 skip e1 through the decoder
     assert floor < rem.simulated_peak_bytes < floor + u // 4   # remat keeps nothing at full resolution there
-    assert (kus.simulated_peak_bytes, rem.simulated_peak_bytes) == (3_803_440, 3_213_616)
+    assert (kus.simulated_peak_bytes, rem.simulated_peak_bytes) == (3_803_440, 3_148_080)
     assert rem.simulated_peak_bytes < 0.85 * kus.simulated_peak_bytes
 
 
