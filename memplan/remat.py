@@ -59,7 +59,7 @@ from .units import format_bytes
 
 #: Rebuilt FLOPs may make a plan's recompute time exceed one forward; the DP's time axis covers this many
 #: forwards (at Kusumoto's resolution: time_steps per forward), so D = {} gives exactly Kusumoto's chain.
-TIME_HEADROOM = 2
+TIME_HEADROOM = 4
 #: A rebuild walks back from a dropped tensor until an alive boundary, a graph input, or a tensor this
 #: many times smaller (a downsampled level: cheap to hold, and it stops the walk from re-running the net).
 SOURCE_SHRINK = 2.0
@@ -426,7 +426,7 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
             found[dropped] = cand
         return seen[dropped]
 
-    def candidate(dropped: frozenset[int]) -> Candidate:
+    def candidate(dropped: frozenset[int]) -> Candidate | None:
         if dropped not in found:
             fam = fams[dropped]
             found[dropped] = solve(fam, floors[dropped], opts.time_steps)
@@ -449,14 +449,20 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
             if len(group) > 1:
                 groups.append(cur | group)
         moves = list(dict.fromkeys([cur | {u} for u in adds] + groups + [cur - {u} for u in sorted(recent)]))
-        best, best_score = None, seen[cur]
+        scored = []
         for d in moves:
             if time.perf_counter() > deadline:
                 why = "time limit"
                 break
             sc = run(d)
-            if sc is not None and sc < best_score:
-                best, best_score = d, sc
+            if sc is not None and sc < seen[cur]:
+                scored.append((sc, d))
+        best = None
+        for _, d in sorted(scored, key=lambda t: t[0]):   # the best move whose chain the time DP can represent
+            if candidate(d) is not None:
+                best = d
+                break
+            seen[d] = None
         if best is None:
             why = why if why == "time limit" else "no move improves the plan"
             break
@@ -467,7 +473,8 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
             break
     taken = {c.dropped for c in accepted}
     ranked = sorted((d for d in seen if seen[d] is not None and d not in taken), key=lambda d: seen[d])
-    return accepted, [candidate(d) for d in ranked[:opts.extra_rated]], why
+    extras = [c for c in (candidate(d) for d in ranked[:opts.extra_rated]) if c is not None]
+    return accepted, extras, why
 
 
 def _kept_bytes(fam: RematFamily, chain: tuple[int, ...]) -> list[float]:
