@@ -32,6 +32,8 @@ class Segment:
     recompute: bool
     kept_bytes: int
     flops: int
+    rebuilt: tuple[str, ...] = ()    # inputs the segment's checkpoint does not hold (remat planner)
+    rebuild: tuple[str, ...] = ()    # nodes re-run under no_grad to rebuild them when it is recomputed
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class Plan:
         except json.JSONDecodeError as exc:
             raise MemplanError(f"plan is not valid JSON ({exc}); regenerate it with `memplan optimize --out`") from exc
         validate_plan_dict(d, Plan)     # every field and its type, before anything reads it
-        d["segments"] = tuple(Segment(**{**s, "nodes": tuple(s["nodes"]), "kept": tuple(s["kept"])})
+        d["segments"] = tuple(Segment(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
                               for s in d["segments"])
         notes = tuple(d.get("notes", ()))
         old_seed = next((int(m.group(1)) for m in map(_OLD_SEED_NOTE.match, notes) if m), 0)

@@ -13,6 +13,15 @@ from .plan import Plan
 from .registry import PLANNERS, lookup
 from .rev.search import plan_rev, plan_rev_only
 
+def plan_remat_registered(graph: MemGraph, options: PlanOptions) -> Plan:
+    """The remat planner (memplan.remat) with its options taken from ``options``; it calibrates itself."""
+    from .remat import RematOptions, plan_remat
+    return plan_remat(graph, RematOptions(
+        budget_bytes=options.budget_bytes, optimizer=options.optimizer.value, scratch=options.scratch.value,
+        lower_set_bound=options.lower_set_bound, loss_fn=options.loss_fn,
+        example_inputs=tuple(options.example_inputs) if options.simulate else ()))
+
+
 PLANNERS.update({
     "auto": plan_kusumoto,        # Kusumoto DP: exact below the lower-set bound, else approximate
     "exact": plan_kusumoto,       # Kusumoto DP over every lower set
@@ -21,7 +30,7 @@ PLANNERS.update({
     "hand": plan_hand,            # checkpointing options.checkpoint_modules by hand
     "rev": plan_rev,              # GCP + REV (FetusMapV2 §3.1 and joint re-plans); changes the network
     "rev-only": plan_rev_only,    # REV without GCP (FetusMapV2's UREV); changes the network
-    # "remat": plan_remat,        # memplan/remat.py (rematerialization below the chain floor)
+    "remat": plan_remat_registered,  # memplan/remat.py: rematerialization below the chain floor
 })
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .bnfreeze import BufferSnapshot, Reentrant
+from .errors import PlanMismatchError
 from .graph import MemGraph
 from .plan import Plan, check_plan
 from .planned import PlannedModule, all_in_mode, training_flags, unwrap
@@ -97,6 +98,7 @@ def rewrite(graph: MemGraph, plan: Plan) -> torch.fx.GraphModule:
         if n.op in ("placeholder", "get_attr"):
             env[n] = new.node_copy(n, lambda a: env[a])
     recompute = {s.index for s in plan.segments if s.recompute}
+    sources = rebuild_sources(graph, plan)          # remat rebuilds read these: their segments export them
     for seg in plan.segments:
         members = [n for n in fx_nodes if where.get(n.name) == seg.index and n.op not in ("placeholder", "get_attr")]
         if not members:
@@ -111,10 +113,13 @@ def rewrite(graph: MemGraph, plan: Plan) -> torch.fx.GraphModule:
             for a in n.all_input_nodes:
                 if a not in member_set and a.op != "get_attr" and a not in inputs:
                     inputs.append(a)
-        outputs = [n for n in members if any(b != seg.index for b in users_block[n.name])]
-        body = _segment_module(gm, members, inputs, outputs)
+        outputs = [n for n in members if any(b != seg.index for b in users_block[n.name]) or n.name in sources]
         name = f"memplan_segment_{seg.index}"
-        setattr(root, name, CheckpointSegment(body))
+        if seg.rebuilt:                              # remat planner: some inputs are rebuilt, not held
+            module, inputs = remat_segment(gm, members, inputs, outputs, seg, set(graph.order))
+        else:
+            module = CheckpointSegment(_segment_module(gm, members, inputs, outputs))
+        setattr(root, name, module)
         call = new.call_module(name, tuple(env[a] for a in inputs))
         for j, o in enumerate(outputs):
             env[o] = new.call_function(operator.getitem, (call, j))
@@ -155,3 +160,139 @@ def compile_module(model: nn.Module, example_inputs: tuple, graph: MemGraph, pla
     except (TypeError, ValueError):
         call = None
     return PlannedModule(model, graphs, plan, call)
+
+
+class RematSegment(nn.Module):
+    """A checkpoint segment that does not hold its rebuilt inputs: forward runs ``body`` on the live
+    tensors; recomputation in backward runs ``recompute``, which first rebuilds them under no_grad from
+    ``n_sources`` held sources (one fx graph, so each rebuilt tensor is freed after its last use).
+    Autograd records the original graph, so gradients are bitwise the same.
+
+    Called as ``segment(*held, *sources, *rebuilt)``; ``body`` takes ``(*held, *rebuilt)``,
+    ``recompute`` takes ``(*held, *sources, requires_grad_flags)``.
+    """
+
+    def __init__(self, body: torch.fx.GraphModule, recompute: torch.fx.GraphModule, n_held: int, n_sources: int):
+        super().__init__()
+        self.body, self.recompute = body, recompute
+        self.n_held, self.n_sources = n_held, n_sources
+
+    def forward(self, *args):
+        h, s = self.n_held, self.n_sources
+        held, sources, live = args[:h], args[h:h + s], args[h + s:]
+        if not torch.is_grad_enabled():
+            return self.body(*held, *live)
+        box = [tuple(live)]                      # the live tensors, for the first (forward) call only
+        flags = tuple(t.requires_grad for t in live)
+
+        def run(*kept):
+            if box[0] is None:
+                return self.recompute(*kept, flags)
+            values, box[0] = box[0], None
+            return self.body(*kept[:h], *values)
+
+        return checkpoint(run, *held, *sources, use_reentrant=False, preserve_rng_state=True,
+                          context_fn=functools.partial(_segment_contexts, self))
+
+
+class _Rebuilt(torch.autograd.Function):
+    """Identity that makes a value require grad without autograd holding it (a leaf would be held by
+    its AccumulateGrad node while any graph that reads it lives). Its backward never runs: checkpoint
+    discards the recomputation's graph."""
+
+    @staticmethod
+    def forward(ctx, anchor, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+def rebuilt_value(value: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """A value rebuilt under no_grad, requiring grad as the live tensor did (so recomputed ops save the
+    same tensors), freed once the segment's ops stop reading it."""
+    if not requires_grad:
+        return value
+    return _Rebuilt.apply(value.new_zeros((), requires_grad=True), value)
+
+
+def recompute_module(gm: torch.fx.GraphModule, held: list[torch.fx.Node], sources: list[torch.fx.Node],
+                     closure: list[torch.fx.Node], rebuilt: list[torch.fx.Node], members: list[torch.fx.Node],
+                     outputs: list[torch.fx.Node]) -> torch.fx.GraphModule:
+    """One graph: rebuild ``rebuilt`` from ``sources`` with grad off, detach them (requires_grad as in
+    forward, from the last input), then run the segment's ``members`` on ``held`` and the rebuilt values."""
+    g = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for i, x in enumerate(held + sources):
+        env[x] = g.placeholder(f"in_{i}_{x.name}")
+    flags = g.placeholder("requires_grad_flags")
+
+    def copy(n: torch.fx.Node) -> None:
+        for a in n.all_input_nodes:
+            if a not in env and a.op == "get_attr":
+                env[a] = g.node_copy(a)
+        env[n] = g.node_copy(n, lambda a: env[a])
+
+    g.call_function(torch._C._set_grad_enabled, (False,))
+    for n in closure:
+        copy(n)
+    g.call_function(torch._C._set_grad_enabled, (True,))
+    for i, r in enumerate(rebuilt):
+        flag = g.call_function(operator.getitem, (flags, i))
+        env[r] = g.call_function(rebuilt_value, (env[r], flag))
+    for n in members:
+        copy(n)
+    g.output(tuple(env[o] for o in outputs))
+    module = torch.fx.GraphModule(gm, g, "memplan_recompute")
+    module.graph.lint()
+    return module
+
+
+def rebuild_closure(rebuilt: list[torch.fx.Node], through: set[str],
+                    tensor_nodes: set[str]) -> tuple[set[torch.fx.Node], list[torch.fx.Node]]:
+    """(nodes to re-run, sources) that recompute ``rebuilt``, walking back through the ``tensor_nodes``
+    named in ``through`` and any non-tensor helper node; the walk stops at other tensor nodes and
+    placeholders (the sources, which the segment holds)."""
+    closure: set[torch.fx.Node] = set()
+    sources: list[torch.fx.Node] = []
+    stack = list(rebuilt)
+    while stack:
+        n = stack.pop()
+        if n in closure:
+            continue
+        closure.add(n)
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" or a in closure:
+                continue
+            if a.op == "placeholder" or (a.name not in through and a.name in tensor_nodes):
+                if a not in sources:
+                    sources.append(a)
+            else:
+                stack.append(a)
+    return closure, sources
+
+
+def remat_segment(gm: torch.fx.GraphModule, members: list[torch.fx.Node], inputs: list[torch.fx.Node],
+                  outputs: list[torch.fx.Node], seg, tensor_nodes: set[str]) -> tuple[RematSegment, list[torch.fx.Node]]:
+    """The RematSegment for ``seg`` and the outer nodes it is called with (held, sources, rebuilt)."""
+    rebuilt = [a for a in inputs if a.name in seg.rebuilt]
+    if len(rebuilt) != len(seg.rebuilt):
+        raise PlanMismatchError(f"segment {seg.index} rebuilds {list(seg.rebuilt)}, but its inputs are "
+                                f"{[a.name for a in inputs]}; re-plan with memplan.plan(..., method='remat')")
+    held = [a for a in inputs if a not in rebuilt]
+    closure, sources = rebuild_closure(rebuilt, set(seg.rebuild), tensor_nodes)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    recompute = recompute_module(gm, held, sources, sorted(closure, key=order.__getitem__), rebuilt, members,
+                                 outputs)
+    body = _segment_module(gm, members, held + rebuilt, outputs)
+    return RematSegment(body, recompute, len(held), len(sources)), held + sources + rebuilt
+
+
+def rebuild_sources(graph: MemGraph, plan: Plan) -> set[str]:
+    """Tensor nodes that some segment's rebuild reads (held by that segment, so exported by their own)."""
+    out: set[str] = set()
+    for seg in plan.segments:
+        through = set(seg.rebuild)
+        out |= {p for r in seg.rebuild for p in graph.dag.predecessors(r) if p not in through}
+    return out

@@ -1,0 +1,673 @@
+"""The remat planner: Kusumoto's chain of lower sets, plus tensors that nobody keeps after forward.
+
+A chain keeps every boundary tensor until its block's backward, so a U-Net's long skips stay resident
+through the whole decoder (the "chain floor"). Here a set D of *dropped* tensors is kept by no one:
+the blocks that produce or read a dropped tensor run under checkpoint, and a block that reads one
+rebuilds it, under no_grad, from tensors that are alive anyway (boundaries of its lower set that are
+not dropped, or the graph inputs) when it is recomputed in backward (rewrite.RematSegment). Autograd
+records the original graph, so outputs and gradients stay bitwise equal.
+
+Why this solver (and not a Checkmate MILP): a MILP schedule may recompute any node at any stage,
+but autograd runs backward in its own order and checkpoint re-runs whole segments, so most MILP
+schedules cannot be realised bitwise; and the MILP at 100 nodes x 200 stages is slow and has no
+clean fallback. Keeping the chain (so every plan is a set of checkpoint segments) and searching D
+greedily keeps the exact DP inside: for a fixed D, the best chain is Kusumoto's DP over the same
+lower sets with these block costs (V = L' minus L, R = dropped boundaries of L that V reads):
+
+  recompute(V) = V has an interior node, or meets D, or R is not empty
+  keep(V)      = Kusumoto's keep with need(D) = 0, minus held dropped inputs, plus the sources of
+                 R's rebuild that are not alive boundaries of L (charged in full: an upper bound)
+  time(V)      = flops(V) + flops(rebuild(R))          where rebuild(u) walks back from u through
+                 ancestors until B(L) minus D (alive), a graph input, or a tensor at least
+                 SOURCE_SHRINK times smaller than u; it fails on dropout (RNG) and in-place ops
+  peak(V)      = Kusumoto's peak, with dropped nodes of V rebuilt like interior ones, dropped
+                 inputs alive until their first saver in V, and the rebuild's working set at the start
+
+D grows greedily under a time limit: each round drops one kept tensor, or one with the same-resolution
+ancestors its rebuild re-runs (a skip alone only moves the keeping to its producer), or takes one back,
+scored by the DP's optimum and then by the bytes the chain keeps (to cross plateaus where several
+blocks tie at the peak). The cost model is a few percent pessimistic and can misjudge which block
+binds, so the chains the greedy accepts and the best ones it did not are rated by simulate_step, the
+one simulator, and the best simulated plan wins. D = {} is Kusumoto's plan: the fallback when nothing
+beats it. Under a budget, the DP's budget is first calibrated by simulation as memplan.plan does, and
+the least recompute that simulates within the budget wins.
+
+Limits: the rebuild stops at dropout (not replayed outside checkpoint's RNG handling) and in-place
+ops; a rebuild source that is not an alive boundary is charged as held for the whole block (an upper
+bound); the greedy is a heuristic (tests check the DP against brute force for every D on a small graph).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .costmodel import CostArrays, build_costs
+from .errors import BudgetError, MemplanError
+from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
+from .kusumoto import Family, Transitions, feasible, least_time, min_kept
+from .measure import OPTIMIZERS, SCRATCH_MODELS, simulate_step
+from .plan import Plan, Segment, with_simulation
+from .rewrite import rewrite
+from .units import format_bytes
+
+#: Rebuilt FLOPs may make a plan's recompute time exceed one forward; the DP's time axis covers this many
+#: forwards (at Kusumoto's resolution: time_steps per forward), so D = {} gives exactly Kusumoto's chain.
+TIME_HEADROOM = 4
+#: A rebuild walks back from a dropped tensor until an alive boundary, a graph input, or a tensor this
+#: many times smaller (a downsampled level: cheap to hold, and it stops the walk from re-running the net).
+SOURCE_SHRINK = 2.0
+_INPLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+                                "ixor", "ilshift", "irshift", "imatmul"})
+_RANDOM_TARGETS = ("dropout", "bernoulli", "rand", "normal_", "uniform_", "multinomial")
+
+
+@dataclass(frozen=True)
+class RematOptions:
+    """How the remat planner runs; validated on construction.
+
+    ``example_inputs`` (meta tensors are fine) let it rate its candidates with simulate_step; without
+    them it trusts the cost model.
+    """
+    budget_bytes: int | None = None
+    optimizer: str = "adam"
+    scratch: str = "none"
+    lower_set_bound: int = DEFAULT_LOWER_SET_BOUND
+    time_steps: int = 1000
+    time_limit_s: float = 18.0
+    max_rounds: int = 12
+    candidates_per_round: int = 6
+    extra_rated: int = 6             # best-scoring candidates the greedy did not accept, also simulated
+    example_inputs: tuple = field(default=(), compare=False, hash=False)
+    loss_fn: Callable | None = field(default=None, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise MemplanError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.scratch not in SCRATCH_MODELS:
+            raise MemplanError(f"unknown scratch model {self.scratch!r}; choose one of {SCRATCH_MODELS}")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise MemplanError(f"budget must be positive, got {self.budget_bytes} B")
+        if self.time_limit_s <= 0 or self.max_rounds < 0 or self.candidates_per_round < 1:
+            raise MemplanError(f"time_limit_s must be > 0, max_rounds >= 0, candidates_per_round >= 1; got "
+                               f"{self.time_limit_s}, {self.max_rounds}, {self.candidates_per_round}")
+
+
+def impure_nodes(graph: MemGraph) -> frozenset[str]:
+    """Nodes a no_grad rebuild must not re-run: random ops (dropout with p > 0; their RNG is not
+    replayed there) and in-place ops (re-running one would write into a tensor that is still in use)."""
+    out = set()
+    for node in graph.gm.graph.nodes:
+        if node.name not in graph.dag:
+            continue
+        target = graph.info(node.name).target.lower()
+        random = any(k in target for k in _RANDOM_TARGETS) and float(node.kwargs.get("p", 0.5) or 0.0) > 0
+        inplace = (bool(node.kwargs.get("inplace", False)) or target in _INPLACE_OPERATORS
+                   or (target.endswith("_") and not target.startswith("_")))
+        if node.op == "call_module":
+            mod = graph.gm.get_submodule(node.target)
+            random = isinstance(mod, (nn.modules.dropout._DropoutNd, nn.AlphaDropout)) and mod.p > 0
+            inplace = bool(getattr(mod, "inplace", False))
+        if random or inplace:
+            out.add(node.name)
+    return frozenset(out)
+
+
+def droppable_nodes(graph: MemGraph) -> frozenset[str]:
+    """Nodes that may be dropped: pure, own their storage, not written in place later (a rebuild would
+    give the value before the write), read by someone, not a graph output."""
+    bad = impure_nodes(graph)
+    written = {_root(graph, n) for n in bad if graph.info(n).alias_of is not None}
+    return frozenset(n for n in graph.order if n not in bad and n not in written and n not in graph.outputs
+                     and graph.dag.out_degree(n) > 0 and graph.info(n).alias_of is None
+                     and graph.info(n).out_bytes > 0)
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """How one block rebuilds its dropped inputs: the inputs, the nodes re-run, their FLOPs and working set."""
+    inputs: tuple[int, ...]
+    nodes: int                     # bitmask
+    flops: float
+    work_b: float                  # largest no_grad working set of one rebuilt op
+    hold_b: float                  # sources the block must hold because nobody else keeps them
+
+
+class RematFamily(Family):
+    """Kusumoto's lower-set family with block costs for a set of dropped nodes (module docstring).
+
+    ``c`` (what the DP functions read) has need(D) = 0 and FLOPs scaled by TIME_HEADROOM, so rebuilt
+    FLOPs fit on the DP's time axis; ``base`` holds the true cost arrays.
+    """
+
+    def __init__(self, costs: CostArrays, masks: list[int], graph: MemGraph, dropped: frozenset[int],
+                 impure: frozenset[int]):
+        self.base = costs
+        self.dropped = frozenset(dropped)
+        self.dmask = np.zeros(costs.n, dtype=bool)
+        self.dmask[list(self.dropped)] = True
+        zeroed = dataclasses.replace(costs, needed_b=np.where(self.dmask, 0.0, costs.needed_b))
+        super().__init__(zeroed, masks)
+        self.cz = zeroed
+        self.c = dataclasses.replace(zeroed, flops=costs.flops * TIME_HEADROOM)
+        idx = {n: i for i, n in enumerate(graph.order)}
+        self.preds = [tuple(idx[p] for p in graph.dag.predecessors(nm)) for nm in graph.order]
+        root = [idx.get(_root(graph, nm), i) for i, nm in enumerate(graph.order)]
+        self.savers: list[list[int]] = [[] for _ in range(costs.n)]
+        for i, nm in enumerate(graph.order):
+            for s in graph.info(nm).saved_from:
+                if s in idx:
+                    self.savers[root[idx[s]]].append(i)
+        self.impure = impure
+        self._closures: dict[tuple[int, int], tuple[int, tuple[int, ...]] | None] = {}
+        self._unions: dict[tuple[int, tuple[int, ...]], tuple | None] = {}
+
+    def closure(self, a: int, u: int) -> tuple[int, tuple[int, ...]] | None:
+        """(nodes re-run, sources) that rebuild dropped node ``u`` from what is alive at set ``a``; None if
+        the walk meets an impure node."""
+        if (a, u) in self._closures:
+            return self._closures[a, u]
+        alive = self.bnd[a] & ~self.dmask
+        small = (self.base.out_b * SOURCE_SHRINK <= self.base.out_b[u]) & ~self.dmask
+        nodes, sources, stack = 0, set(), [u]
+        while stack:
+            w = stack.pop()
+            if nodes >> w & 1:
+                continue
+            if w in self.impure:
+                self._closures[a, u] = None
+                return None
+            nodes |= 1 << w
+            for p in self.preds[w]:
+                if alive[p] or (small[p] and p not in self.impure):
+                    sources.add(p)
+                elif not nodes >> p & 1:
+                    stack.append(p)
+        self._closures[a, u] = (nodes, tuple(sorted(sources)))
+        return self._closures[a, u]
+
+    def rebuild(self, a: int, inputs: tuple[int, ...], block: np.ndarray) -> Rebuild | None:
+        """The rebuild of dropped ``inputs`` (boundary nodes of set ``a``) for a block (bool vector)."""
+        c = self.base
+        key = (a, inputs)
+        if key not in self._unions:
+            nodes, sources = 0, set()
+            for u in inputs:
+                got = self.closure(a, u)
+                if got is None:
+                    self._unions[key] = None
+                    return None
+                nodes |= got[0]
+                sources |= set(got[1])
+            members = [w for w in range(c.n) if nodes >> w & 1]
+            work = max(c.out_b[w] + sum(c.out_b[p] for p in self.preds[w]) for w in members)
+            self._unions[key] = (nodes, float(c.flops[members].sum()), float(work), tuple(sorted(sources)))
+        if self._unions[key] is None:
+            return None
+        nodes, flops, work, sources = self._unions[key]
+        alive = self.bnd[a]
+        hold = sum(c.out_b[s] for s in sources if not (alive[s] and self.cz.needed_b[s] > 0)
+                   and not (alive[s] and any(block[x] for x in c.succ_lists[s])))
+        return Rebuild(inputs=inputs, nodes=nodes, flops=flops, work_b=work, hold_b=float(hold))
+
+    def dropped_inputs(self, a: int, v: np.ndarray) -> list[tuple[int, ...]]:
+        """Per target block (rows of ``v``): the dropped boundary nodes of set ``a`` it reads."""
+        c = self.base
+        din = [u for u in np.nonzero(self.bnd[a] & self.dmask)[0]]
+        reads = [v[:, list(c.succ_lists[u])].any(axis=1) for u in din]
+        return [tuple(int(u) for u, r in zip(din, reads) if r[k]) for k in range(v.shape[0])]
+
+    def transitions(self, a: int) -> Transitions:
+        """Block costs from set ``a`` to every strict superset (Family.transitions plus dropped nodes)."""
+        if a in self._cache:
+            return self._cache[a]
+        c, cz = self.base, self.cz
+        la = self.bits[a]
+        is_super = ~(la[None, :] & ~self.bits).any(axis=1) & (self.sizes > self.sizes[a])
+        targets = np.nonzero(is_super)[0]
+        v = self.bits[targets] & ~la[None, :]
+        b = self.bnd[targets]
+        interior = v & ~b
+        reads = self.dropped_inputs(a, v)
+        reads_d = np.array([bool(r) for r in reads], dtype=bool)
+        recompute = interior.any(axis=1) | (v & self.dmask[None, :]).any(axis=1) | reads_d
+        vf = v.astype(np.float64)
+        extra = vf @ c.extra_b
+        keep = (v & b).astype(np.float64) @ cz.needed_b + np.where(recompute, 0.0, extra)
+        held = np.zeros(len(targets))
+        for u in np.nonzero(self.bnd[a] & (c.needed_b == 0) & ~self.dmask)[0]:   # unsaved checkpoint inputs
+            succ = list(c.succ_lists[u])
+            if succ:
+                held += np.where(v[:, succ].any(axis=1), c.out_b[u], 0.0)
+        keep = keep + np.where(recompute, held, 0.0)
+        rebuilt_here = interior | (v & b & self.dmask[None, :])
+        per_node = v * c.extra_b[None, :]
+        np.add.at(per_node, (slice(None), c.first_saver), rebuilt_here * c.needed_b[None, :])
+        per_node = per_node * recompute[:, None]
+        own = v & b & self._self_owned[None, :]
+        per_node = per_node + own * c.out_b[None, :]
+        time_ = np.where(recompute, vf @ c.flops, 0.0)
+        start = np.zeros(len(targets))                      # working set when the rebuild runs
+        infeasible = np.zeros(len(targets), dtype=bool)
+        for k, inputs in enumerate(reads):
+            if not inputs:
+                continue
+            rb = self.rebuild(a, inputs, v[k])
+            if rb is None:
+                infeasible[k] = True
+                continue
+            keep[k] += rb.hold_b
+            time_[k] += rb.flops
+            start[k] = rb.work_b + sum(c.out_b[u] for u in inputs)
+            for u in inputs:                                # alive until its first saver in V has run
+                savers = [s for s in self.savers[u] if v[k, s]]
+                if savers:
+                    per_node[k, min(savers)] += c.out_b[u]
+        rebuilt_at = np.cumsum(per_node, axis=1)
+        here = rebuilt_at + interior * c.out_b[None, :] + c.work_b[None, :] + c.scratch_b[None, :]
+        inner = np.where(v, here, -np.inf).max(axis=1) if len(targets) else np.zeros(0)
+        own_b = own.astype(np.float64) @ c.out_b
+        inner = np.maximum(inner, np.where(reads_d, start + own_b, -np.inf))
+        peak = keep + self.pending[targets] - own_b + inner
+        peak = np.where(recompute & (v & c.pinned[None, :]).any(axis=1), np.inf, peak)
+        peak = np.where(infeasible, np.inf, peak)
+        tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=time_, recompute=recompute)
+        self._cache[a] = tr
+        return tr
+
+    def chain_cost(self, chain: tuple[int, ...]) -> tuple[float, float]:
+        """(peak bytes, recompute time) of a chain under these block costs."""
+        pos = {m: i for i, m in enumerate(self.masks)}
+        kept = peak = total = 0.0
+        a = 0
+        for m in chain:
+            tr = self.transitions(a)
+            j = int(np.nonzero(tr.targets == pos[m])[0][0])
+            peak = max(peak, self.c.static_bytes + kept + tr.peak_b[j])
+            kept += tr.keep_b[j]
+            total += tr.time[j]
+            a = pos[m]
+        return peak, total
+
+    def segments(self, graph: MemGraph, chain: tuple[int, ...]) -> tuple[Segment, ...]:
+        """The chain as plan segments; a block reading dropped nodes names them and its rebuild."""
+        pos = {m: i for i, m in enumerate(self.masks)}
+        out, a, prev = [], 0, 0
+        for i, m in enumerate(chain):
+            tr = self.transitions(a)
+            j = int(np.nonzero(tr.targets == pos[m])[0][0])
+            block = m & ~prev
+            vb = np.array([(block >> x) & 1 for x in range(self.base.n)], dtype=bool)
+            inputs = self.dropped_inputs(a, vb[None, :])[0]
+            rebuild = self.rebuild(a, inputs, vb) if inputs else None
+            bnd = self.base.boundary(m) & block
+            kept = [x for x in range(self.base.n) if bnd >> x & 1 and not self.dmask[x]]
+            nodes = tuple(graph.names_of(block))
+            out.append(Segment(index=i, nodes=nodes, kept=tuple(graph.order[x] for x in kept),
+                               recompute=bool(tr.recompute[j]), kept_bytes=int(tr.keep_b[j]),
+                               flops=int(sum(graph.info(n).flops for n in nodes)),
+                               rebuilt=tuple(graph.order[u] for u in inputs),
+                               rebuild=() if rebuild is None else tuple(graph.names_of(rebuild.nodes))))
+            a, prev = pos[m], m
+        return tuple(out)
+
+
+def _root(graph: MemGraph, name: str) -> str:
+    seen = set()
+    while graph.info(name).alias_of is not None and graph.info(name).alias_of in graph.dag and name not in seen:
+        seen.add(name)
+        name = graph.info(name).alias_of
+    return name
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One solved D: its chain and what the cost model (and, once rated, the simulator) says of it."""
+    dropped: frozenset[int]
+    chain: tuple[int, ...]
+    peak_b: float
+    time: float
+    budget_b: float
+    simulated_b: int | None = None
+
+
+def lower_set_masks(graph: MemGraph, bound: int) -> tuple[list[int], str, str, int | None]:
+    """The DP's family as in plan.choose_family: every order-compatible lower set, or the approximate sets."""
+    sets = graph.lower_sets(bound)
+    groups = graph.consumer_groups()
+    if sets is not None:
+        usable = [m for m in sets if graph.order_compatible(m, groups)]
+        return usable, "exact", f"{len(sets)} lower sets <= bound {bound}", len(sets)
+    full = (1 << len(graph)) - 1
+    prefixes = [(1 << (i + 1)) - 1 for i in range(len(graph))]
+    masks = [m for m in [0, full] + graph.ancestor_masks() + prefixes if graph.order_compatible(m, groups)]
+    return masks, "approx", f"more than {bound} lower sets", None
+
+
+def least_budget(family: Family, rel_tol: float = 1e-3) -> float:
+    """The smallest feasible budget to within ``rel_tol`` (binary search on kusumoto.feasible); coarser
+    than kusumoto.min_budget's byte-exact search, so the greedy's many solves stay cheap."""
+    c = family.c
+    lo = float(c.static_bytes)
+    hi = float(c.static_bytes + 2 * c.out_b.sum() + c.extra_b.sum() + c.work_b.max(initial=0)
+               + c.scratch_b.max(initial=0)) + 1.0
+    for _ in range(64):
+        if feasible(family, hi):
+            break
+        hi *= 2
+    else:
+        return float("inf")
+    while hi - lo > rel_tol * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if feasible(family, mid) else (mid, hi)
+    return float(math.ceil(hi))
+
+
+def solve(family: RematFamily, budget_b: float | None, time_steps: int) -> Candidate | None:
+    """The DP for one D: least memory (budget None), or least time within ``budget_b``; None if infeasible."""
+    budget = least_budget(family) if budget_b is None else float(budget_b)
+    result = least_time(family, budget, time_steps=time_steps * TIME_HEADROOM)
+    if result is None:
+        return None
+    peak, t = family.chain_cost(result.chain)
+    return Candidate(dropped=family.dropped, chain=result.chain, peak_b=peak, time=t, budget_b=budget)
+
+
+def _sig(x: float) -> float:
+    """``x`` to 4 significant digits: scores that differ by less are ties."""
+    return float(f"{x:.4g}")
+
+
+def _score(x: Candidate, fam_kept_b: float, memory_centric: bool) -> tuple[float, float, float]:
+    """Greedy order: least memory first (budget, then the bytes the chain keeps, to cross plateaus where
+    several blocks tie at the peak), or least time under a budget."""
+    if memory_centric:
+        return (_sig(x.budget_b), _sig(fam_kept_b), x.time)
+    return (x.time, _sig(x.budget_b), _sig(fam_kept_b))
+
+
+def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOptions,
+           deadline: float) -> tuple[list[Candidate], list[Candidate], str]:
+    """Candidates the greedy accepts (the first is D = {}, Kusumoto's chain), then the ``extra_rated``
+    best-scoring ones it did not (the cost model can misjudge a plateau), and why it stopped.
+
+    Each round tries to drop one kept tensor, or one with the same-resolution ancestors its rebuild
+    re-runs (dropping a skip alone only moves the keeping to its producer), or to take back one
+    tensor the last move dropped, and makes the move that scores best (``_score``); it stops when none improves.
+    """
+    impure = frozenset(graph.index(n) for n in impure_nodes(graph))
+    droppable = {graph.index(n) for n in droppable_nodes(graph)}
+    memory_centric = opts.budget_bytes is None
+    seen: dict[frozenset[int], tuple | None] = {}
+    fams: dict[frozenset[int], RematFamily] = {}
+    floors: dict[frozenset[int], float] = {}
+    found: dict[frozenset[int], Candidate] = {}
+
+    def run(dropped: frozenset[int]):
+        """The score of a D. Least memory: (DP floor, least kept bytes at it) straight from min_kept, no
+        time DP (the chain is solved only for the candidates kept); under a budget: the least time."""
+        if dropped in seen:
+            return seen[dropped]
+        fam = fams[dropped] = RematFamily(costs, masks, graph, dropped, impure)
+        if memory_centric:
+            floor = floors[dropped] = least_budget(fam)
+            kept = float(min_kept(fam, floor)[-1]) if np.isfinite(floor) else np.inf
+            seen[dropped] = (_sig(floor), _sig(kept)) if np.isfinite(kept) else None
+            return seen[dropped]
+        cand = solve(fam, opts.budget_bytes, opts.time_steps)
+        seen[dropped] = None if cand is None else _score(cand, sum(_kept_bytes(fam, cand.chain)), False)
+        if cand is not None:
+            found[dropped] = cand
+        return seen[dropped]
+
+    def candidate(dropped: frozenset[int]) -> Candidate | None:
+        if dropped not in found:
+            fam = fams[dropped]
+            found[dropped] = solve(fam, floors[dropped], opts.time_steps)
+        return found[dropped]
+
+    if run(frozenset()) is None:       # plan_remat answers this with the least-memory plan
+        raise BudgetError(f"no chain fits the DP budget {format_bytes(opts.budget_bytes or 0)}",
+                          budget_bytes=int(opts.budget_bytes or 0), min_feasible_bytes=0)
+    cur, recent = frozenset(), frozenset()     # recent: dropped by the last move, tried back next round
+    accepted, why = [candidate(cur)], f"{opts.max_rounds} rounds done"
+    for _ in range(opts.max_rounds):
+        fam = RematFamily(costs, masks, graph, cur, impure)
+        kept = _kept_nodes(fam, candidate(cur).chain)
+        adds = sorted((u for u in kept if u in droppable and u not in cur),
+                      key=lambda u: -costs.out_b[u])[:opts.candidates_per_round]
+        groups = []
+        for u in adds:                       # u with the same-resolution ancestors its rebuild re-runs
+            walk = fam.closure(0, u)
+            group = frozenset(w for w in range(costs.n) if walk is not None and walk[0] >> w & 1) & droppable
+            if len(group) > 1:
+                groups.append(cur | group)
+        moves = list(dict.fromkeys([cur | {u} for u in adds] + groups + [cur - {u} for u in sorted(recent)]))
+        scored = []
+        for d in moves:
+            if time.perf_counter() > deadline:
+                why = "time limit"
+                break
+            sc = run(d)
+            if sc is not None and sc < seen[cur]:
+                scored.append((sc, d))
+        best = None
+        for _, d in sorted(scored, key=lambda t: t[0]):   # the best move whose chain the time DP can represent
+            if candidate(d) is not None:
+                best = d
+                break
+            seen[d] = None
+        if best is None:
+            why = why if why == "time limit" else "no move improves the plan"
+            break
+        recent = (best - cur) | (recent & best)
+        cur = best
+        accepted.append(candidate(cur))
+        if why == "time limit":
+            break
+    taken = {c.dropped for c in accepted}
+    ranked = sorted((d for d in seen if seen[d] is not None and d not in taken), key=lambda d: seen[d])
+    extras = [c for c in (candidate(d) for d in ranked[:opts.extra_rated]) if c is not None]
+    return accepted, extras, why
+
+
+def _kept_bytes(fam: RematFamily, chain: tuple[int, ...]) -> list[float]:
+    """Bytes each block of the chain keeps."""
+    pos = {m: i for i, m in enumerate(fam.masks)}
+    out, a = [], 0
+    for m in chain:
+        tr = fam.transitions(a)
+        out.append(float(tr.keep_b[int(np.nonzero(tr.targets == pos[m])[0][0])]))
+        a = pos[m]
+    return out
+
+
+def _kept_nodes(fam: RematFamily, chain: tuple[int, ...]) -> list[int]:
+    """Nodes the chain keeps (boundaries some backward needs, not dropped)."""
+    out, prev = [], 0
+    for m in chain:
+        bnd = fam.base.boundary(m) & m & ~prev
+        out += [x for x in range(fam.base.n) if bnd >> x & 1 and fam.cz.needed_b[x] > 0]
+        prev = m
+    return out
+
+
+def calibrated_budget(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOptions,
+                      rounds: int = 4) -> int:
+    """The DP budget whose Kusumoto chain simulates closest under ``opts.budget_bytes`` (the cost model is
+    pessimistic by a few percent): moved by the simulation's error, as memplan.plan calibrates."""
+    budget = int(opts.budget_bytes)
+    fam = Family(costs, masks)
+    target, best, best_time, last = budget, None, float("inf"), None
+    for _ in range(rounds):
+        result = least_time(fam, float(target), time_steps=opts.time_steps)
+        if result is None or result.chain == last:
+            break
+        last = result.chain
+        fam_d = RematFamily(costs, masks, graph, frozenset(), frozenset())
+        plan = Plan(segments=fam_d.segments(graph, result.chain), predicted_peak_bytes=0, predicted_overhead=0.0,
+                    vanilla_peak_bytes=0, budget_bytes=budget, objective="time-centric", method="remat",
+                    method_reason="calibration", lower_set_count=None, fingerprint=graph.fingerprint(),
+                    optimizer=opts.optimizer, static_bytes=costs.static_bytes, planning_time_s=0.0)
+        sim = simulate_step(rewrite(graph, plan), opts.example_inputs, loss_fn=opts.loss_fn, optimizer=opts.optimizer,
+                            scratch=opts.scratch).peak_bytes
+        if sim <= budget:
+            if best is not None and result.time >= best_time:
+                break                                   # loosening stopped paying
+            best, best_time = target, result.time
+            if budget - sim < 0.01 * budget:
+                break
+            target += budget - sim
+        elif best is not None:
+            break
+        else:
+            target -= sim - budget
+    return int(best if best is not None else budget)
+
+
+def plan_for_dropped(graph: MemGraph, dropped, options: RematOptions) -> Plan:
+    """The DP's best chain for a given set of dropped node names (no search, no simulation): for
+    hand-made schedules and for checking the planner.
+
+    >>> import torch, memplan
+    >>> net = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(2, 1, 1))
+    >>> g = memplan.trace(net, torch.empty(1, 1, 64, device="meta"))
+    >>> p = plan_for_dropped(g, ["_1"], RematOptions(optimizer="sgd"))
+    >>> [(s.nodes, s.recompute, s.kept) for s in p.segments]      # _1 is recomputed, never kept
+    [(('_0', '_1', '_2'), True, ('_2',))]
+    """
+    names = list(dropped)
+    allowed = droppable_nodes(graph)
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise MemplanError(f"nodes {bad} cannot be dropped (not in the graph, a graph output, a view, in place, "
+                           f"random or unread); droppable nodes are e.g. {sorted(allowed)[:5]}")
+    costs = build_costs(graph, optimizer=options.optimizer,
+                        scratch={i.name: i.scratch_cpu_bytes for i in graph} if options.scratch == "cpu" else None)
+    masks, kind, why, count = lower_set_masks(graph, options.lower_set_bound)
+    impure = frozenset(graph.index(n) for n in impure_nodes(graph))
+    fam = RematFamily(costs, masks, graph, frozenset(graph.index(n) for n in names), impure)
+    cand = solve(fam, options.budget_bytes, options.time_steps)
+    if cand is None:
+        raise BudgetError(f"no chain with dropped {names} fits {format_bytes(options.budget_bytes or 0)}; "
+                          "raise the budget or drop other nodes", budget_bytes=int(options.budget_bytes or 0),
+                          min_feasible_bytes=int(least_budget(fam)))
+    fwd = float(costs.flops.sum()) or 1.0
+    return Plan(segments=fam.segments(graph, cand.chain), predicted_peak_bytes=int(cand.peak_b),
+                predicted_overhead=cand.time / fwd, vanilla_peak_bytes=0, budget_bytes=options.budget_bytes,
+                objective="memory-centric" if options.budget_bytes is None else "time-centric", method="remat",
+                method_reason=f"given dropped nodes {names}; Kusumoto DP ({kind}, {why})", lower_set_count=count,
+                fingerprint=graph.fingerprint(), optimizer=options.optimizer, static_bytes=costs.static_bytes,
+                planning_time_s=0.0, notes=graph.trace_notes)
+
+
+def rebuild_notes(graph: MemGraph, segments: tuple[Segment, ...]) -> tuple[str, ...]:
+    """One line per segment that rebuilds inputs: what, from which held tensors, how many nodes re-run."""
+    out = []
+    for s in segments:
+        if s.rebuilt:
+            inside = set(s.rebuild)
+            sources = sorted({p for r in s.rebuild for p in graph.dag.predecessors(r) if p not in inside}
+                             | ({"the graph input"} if any(graph.dag.in_degree(r) == 0 for r in s.rebuild) else set()))
+            out.append(f"segment {s.index} does not hold {', '.join(s.rebuilt)}: rebuilt in backward from "
+                       f"{', '.join(sources)} ({len(s.rebuild)} nodes re-run under no_grad)")
+    return tuple(out)
+
+
+def least_memory_within(graph: MemGraph, options: RematOptions) -> Plan:
+    """When the cost model finds no chain under the budget: of the least-memory search's candidates, the
+    least recompute that simulates within it (the cost model is pessimistic), else a BudgetError."""
+    least = plan_remat(graph, dataclasses.replace(options, budget_bytes=None), fit_bytes=options.budget_bytes)
+    reach = least.simulated_peak_bytes if least.simulated_peak_bytes is not None else least.predicted_peak_bytes
+    if reach > options.budget_bytes:
+        raise BudgetError(
+            f"budget {format_bytes(options.budget_bytes)} is below the smallest peak the remat planner reaches, "
+            f"{format_bytes(reach)} (optimizer {options.optimizer}); raise the budget to at least "
+            f"{format_bytes(reach)}, use a smaller input or batch, or a lighter optimizer",
+            budget_bytes=int(options.budget_bytes), min_feasible_bytes=int(reach))
+    return dataclasses.replace(least, budget_bytes=options.budget_bytes, objective="time-centric",
+                               notes=least.notes + ("budget below the cost model's floor; the least-memory "
+                                                    "remat plan meets it in simulation",))
+
+
+def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None = None) -> Plan:
+    """Plan ``graph`` with dropped tensors: least memory without a budget, else least recompute under it.
+
+    Every accepted candidate is rated by simulate_step when ``options.example_inputs`` are given;
+    the plan's method_reason says which candidate won and why (or that Kusumoto's chain did). With
+    ``fit_bytes`` (and no budget), the least-recompute candidate simulating within it wins instead.
+    """
+    t0 = time.perf_counter()
+    scratch = {i.name: i.scratch_cpu_bytes for i in graph} if options.scratch == "cpu" else None
+    costs = build_costs(graph, optimizer=options.optimizer, scratch=scratch)
+    masks, family_kind, family_why, count = lower_set_masks(graph, options.lower_set_bound)
+    impure = frozenset(graph.index(n) for n in impure_nodes(graph))
+    internal = options
+    if options.budget_bytes is not None and options.example_inputs:
+        internal = dataclasses.replace(options, budget_bytes=calibrated_budget(graph, costs, masks, options))
+    try:
+        accepted, extras, stop = greedy(graph, costs, masks, internal, t0 + 0.7 * options.time_limit_s)
+    except BudgetError:
+        if options.budget_bytes is None:
+            raise
+        return least_memory_within(graph, options)
+    vanilla_chain = tuple((1 << (i + 1)) - 1 for i in range(len(graph)))
+    from .costmodel import chain_cost
+    vanilla_peak = chain_cost(costs, list(vanilla_chain))[0]
+
+    def to_plan(cand: Candidate) -> Plan:
+        fam = RematFamily(costs, masks, graph, cand.dropped, impure)
+        fwd = float(costs.flops.sum()) or 1.0
+        segments = fam.segments(graph, cand.chain)
+        return Plan(segments=segments, predicted_peak_bytes=int(cand.peak_b),
+                    predicted_overhead=cand.time / fwd, vanilla_peak_bytes=int(vanilla_peak),
+                    budget_bytes=options.budget_bytes,
+                    objective="memory-centric" if options.budget_bytes is None else "time-centric",
+                    method="remat", method_reason="", lower_set_count=count, fingerprint=graph.fingerprint(),
+                    optimizer=options.optimizer, static_bytes=costs.static_bytes, planning_time_s=0.0,
+                    notes=graph.trace_notes + rebuild_notes(graph, segments))
+
+    vanilla_sim = None
+    if options.example_inputs:
+        def sim(c: Candidate) -> int:
+            return simulate_step(rewrite(graph, to_plan(c)), options.example_inputs, loss_fn=options.loss_fn,
+                                 optimizer=options.optimizer, scratch=options.scratch).peak_bytes
+
+        rated_first = [accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]
+        rest = accepted[1:-1][::-1] + extras               # the latest accepted first, then the extras
+        sims = [sim(c) for c in rated_first]
+        for c in rest:                                     # as many as the time limit allows
+            if time.perf_counter() > t0 + options.time_limit_s:
+                break
+            sims.append(sim(c))
+        accepted = (rated_first + rest)[:len(sims)]
+        plans = [to_plan(c) for c in accepted]
+        vanilla_sim = simulate_step(graph.original_gm, options.example_inputs, loss_fn=options.loss_fn,
+                                    optimizer=options.optimizer, scratch=options.scratch).peak_bytes
+        plans = [with_simulation(p, s, vanilla_sim) for p, s in zip(plans, sims)]
+        limit = options.budget_bytes if options.budget_bytes is not None else fit_bytes
+        fits = [i for i in range(len(plans)) if limit is not None and sims[i] <= limit]
+        if not fits:
+            pick = min(range(len(plans)), key=lambda i: (sims[i], plans[i].predicted_overhead))
+        else:
+            pick = min(fits, key=lambda i: plans[i].predicted_overhead) if fits else 0
+        rated = "simulated"
+    else:
+        plans = [to_plan(c) for c in accepted]
+        pick, rated = len(plans) - 1, "cost model"
+    chosen = accepted[pick]
+    names = [graph.order[u] for u in sorted(chosen.dropped)]
+    if pick == 0:
+        why = (f"remat planner fell back to Kusumoto's chain (no dropped tensor helped, {rated}; "
+               f"greedy stopped: {stop})")
+    else:
+        why = (f"remat: Kusumoto DP ({family_kind}, {family_why}) with {len(names)} dropped tensor(s) "
+               f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}), best of {len(plans)} "
+               f"greedy candidates by {rated} peak; greedy stopped: {stop}")
+    return dataclasses.replace(plans[pick], method_reason=why, planning_time_s=time.perf_counter() - t0)
