@@ -1,15 +1,23 @@
 """The ruler: the peak memory of a whole training step, predicted on meta tensors or measured.
 
-A step is: zero_grad(set_to_none) -> forward -> loss -> backward -> optimizer.step(), run twice so
-the optimizer state of a steady-state step is included. ``simulate_step`` runs it on a meta copy
+A step is what an ordinary training loop does: zero_grad(set_to_none) -> ``out = model(x)`` ->
+``loss = loss_fn(out)`` -> backward -> optimizer.step(), run twice so the optimizer state of a
+steady-state step is included; ``out`` stays alive through backward until the next step replaces it
+(``keep_output=False``: dropped once the loss is built), under autocast when ``amp`` is set. ``simulate_step`` runs it on a meta copy
 under a dispatch mode that sums the bytes of every live storage after each ATen op (exact for
 tensor lifetimes; sees storages resized in place). It adds the transient scratch buffers kernels
 allocate and free inside one op (CPU convolution unfold / oneDNN reorder buffers), which tensor
 tracking cannot see, from a model of those kernels (``scratch="cpu"``). ``measure_step`` runs the
 step for real: the CPU profiler's allocator events, or CUDA's max_memory_allocated.
+
+Beyond tensors, the simulation counts what checkpoint saves outside the dispatcher: the CPU generator
+state ``preserve_rng_state`` keeps per recomputed segment (5,056 B, plus one more while a segment is
+recomputed under ``fork_rng``). ``target="cuda"`` books every storage as CUDA's caching allocator
+does (rounded up to 512 B) and leaves out host memory (RNG states, Adam's step counters).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -24,6 +32,27 @@ from .errors import MemplanError
 
 OPTIMIZERS = ("adam", "sgd", "sgd-momentum", "none")
 SCRATCH_MODELS = ("none", "cpu")
+TARGETS = ("cpu", "cuda")
+#: autocast dtypes of the ``amp`` option (None: full precision)
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: CUDA's caching allocator rounds every allocation up to a multiple of this (kMinBlockSize)
+CUDA_BLOCK_BYTES = 512
+
+
+def cuda_allocation_bytes(nbytes: int) -> int:
+    """Bytes CUDA's caching allocator books for a ``nbytes`` storage: rounded up to 512 B, 0 stays 0.
+
+    >>> cuda_allocation_bytes(4), cuda_allocation_bytes(512), cuda_allocation_bytes(513)
+    (512, 512, 1024)
+    """
+    return 0 if nbytes <= 0 else -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+
+
+def check_amp(amp: str | None) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` (None, "bf16" or "fp16"); MemplanError for anything else."""
+    if amp not in AMP_DTYPES:
+        raise MemplanError(f"unknown amp mode {amp!r}; choose None (full precision), 'bf16' or 'fp16'")
+    return AMP_DTYPES[amp]
 
 
 @dataclass(frozen=True)
@@ -68,37 +97,65 @@ def default_loss(output: Any) -> torch.Tensor:
 
 
 def run_steps(model: nn.Module, inputs: tuple, loss_fn: Callable | None, optimizer: str,
-              steps: int = 2, on_optimizer: Callable[[Any], None] | None = None) -> None:
-    """Run ``steps`` training steps of ``model`` on ``inputs``; ``on_optimizer`` sees the optimizer."""
+              steps: int = 2, on_optimizer: Callable[[Any], None] | None = None, *, keep_output: bool = True,
+              amp: str | None = None, device_type: str = "cpu", fake: bool = False) -> None:
+    """Run ``steps`` training steps of ``model`` on ``inputs``; ``on_optimizer`` sees the optimizer.
+
+    ``keep_output``: the loop holds ``out`` (and ``loss``) until the next step's replace them, as
+    ``out = model(x); loss = loss_fn(out)`` does; else the output is dropped once the loss is built.
+    ``amp``: forward and loss under ``torch.autocast(device_type)``; "fp16" scales the loss with a
+    GradScaler. ``fake``: the step runs on fake tensors, where GradScaler.step cannot read its inf
+    flag, so it unscales and steps as a finite step does.
+    """
+    dtype = check_amp(amp)
     opt = make_optimizer(optimizer, list(model.parameters()))
     if on_optimizer is not None:
         on_optimizer(opt)
     loss_fn = loss_fn or default_loss
+    scaler = torch.amp.GradScaler(device_type) if amp == "fp16" and opt is not None else None
+    autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+    out = loss = None
     for _ in range(steps):
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         else:
             model.zero_grad(set_to_none=True)
-        loss = loss_fn(model(*inputs))
-        loss.backward()
-        del loss
-        if opt is not None:
+        with autocast():
+            if keep_output:
+                out = model(*inputs)
+                loss = loss_fn(out)
+            else:
+                loss = loss_fn(model(*inputs))
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if not keep_output:
+            loss = None
+        if scaler is not None:
+            if fake:
+                scaler.unscale_(opt)
+                opt.step()
+            else:
+                scaler.step(opt)
+            scaler.update()
+        elif opt is not None:
             opt.step()
+    del out, loss
 
 
 # -- kernel scratch model --------------------------------------------------------------------------
-def _conv_scratch_cpu(func, args) -> int:
+def _conv_scratch_cpu(func, args, threads: int) -> int:
     """Bytes a CPU 3D convolution op allocates and frees inside itself (0 for other ops)."""
     name = str(func.overloadpacket)
     if name == "aten.convolution":      # (input, weight, bias, stride, padding, dilation, transposed, ...)
-        return conv_scratch_bytes(args[0], args[1], args[3], args[4], bool(args[6]), int(args[8]), backward=False)
+        return conv_scratch_bytes(args[0], args[1], args[3], args[4], bool(args[6]), int(args[8]), backward=False,
+                                  threads=threads)
     if name == "aten.convolution_backward":  # (grad_out, input, weight, bias_sizes, stride, padding, ...)
-        return conv_scratch_bytes(args[1], args[2], args[4], args[5], bool(args[7]), int(args[9]), backward=True)
+        return conv_scratch_bytes(args[1], args[2], args[4], args[5], bool(args[7]), int(args[9]), backward=True,
+                                  threads=threads)
     return 0
 
 
 def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transposed: bool, groups: int,
-                       *, backward: bool) -> int:
+                       *, backward: bool, threads: int | None = None) -> int:
     """Scratch of one CPU 3D convolution (see README, "kernel scratch"); 0 for other ranks.
 
     PyTorch picks oneDNN when the input is float32, (the kernel is not 1x1x1 unstrided, or batch >= 16,
@@ -120,7 +177,7 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
         c_out = w.shape[0]
         out_sp = [(spatial[i] + 2 * padding[i] - k[i]) // stride[i] + 1 for i in range(3)]
     pointwise = all(v == 1 for v in k) and all(v == 1 for v in stride) and not any(padding)
-    mkldnn = x.dtype == torch.float32 and (not pointwise or n >= 16 or torch.get_num_threads() > 1) and (
+    mkldnn = x.dtype == torch.float32 and (not pointwise or n >= 16 or (torch.get_num_threads() if threads is None else threads) > 1) and (
         groups > 1 or (k[-1] > 3 and k[-2] > 3) or n > 1 or n * c_in * spatial[0] * spatial[1] > 20480)
     if mkldnn:
         block = lambda c: 16 * math.ceil(c / 16)  # noqa: E731
@@ -136,13 +193,23 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
 
 # -- live-storage tracking -------------------------------------------------------------------------
 class _LiveStorages(TorchDispatchMode):
-    """Tracks every storage any op returns; after each op records total live bytes (+ op scratch)."""
+    """Tracks every storage any op returns; after each op records total live bytes (+ op scratch).
 
-    def __init__(self, scratch: str, classify: Callable[[dict[int, int]], dict[str, int]]):
+    ``host`` storages (real CPU tensors saved outside the dispatcher: checkpoint's RNG states) count
+    on a CPU target only; on a CUDA target every device storage is booked at CUDA's 512-B rounding
+    and ``host_keys`` (optimizer step counters, CPU tensors on CUDA too) are left out.
+    """
+
+    def __init__(self, scratch: str, classify: Callable[[dict[int, int]], dict[str, int]], *,
+                 target: str = "cpu", threads: int = 1):
         super().__init__()
         self.refs: dict[int, weakref.ref] = {}
+        self.host: dict[int, weakref.ref] = {}
+        self.host_keys: set[int] = set()
         self.scratch = scratch
         self.classify = classify
+        self.target = target
+        self.threads = threads
         self.timeline: list[tuple[str, int]] = []
         self.peak = 0
         self.peak_op = ""
@@ -154,55 +221,114 @@ class _LiveStorages(TorchDispatchMode):
         if ref is None or ref() is None:
             self.refs[key] = weakref.ref(t.untyped_storage())
 
-    def live(self) -> dict[int, int]:
+    def track_host(self, t: torch.Tensor) -> None:
+        """Count a real tensor saved outside the dispatch mode (an RNG state) while it lives."""
+        self.host[storage_key(t)] = weakref.ref(t.untyped_storage())
+
+    @staticmethod
+    def _alive(refs: dict[int, weakref.ref]) -> dict[int, int]:
         sizes, dead = {}, []
-        for key, ref in self.refs.items():
+        for key, ref in refs.items():
             s = ref()
             if s is None:
                 dead.append(key)
             else:
                 sizes[key] = s.nbytes()
         for key in dead:
-            del self.refs[key]
+            del refs[key]
+        return sizes
+
+    def live(self) -> dict[int, int]:
+        """Bytes booked per live storage on the target device."""
+        sizes = self._alive(self.refs)
+        if self.target == "cuda":
+            return {k: cuda_allocation_bytes(v) for k, v in sizes.items() if k not in self.host_keys}
         return sizes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tensors_in(out):
             self.track(t)
-        scratch = _conv_scratch_cpu(func, args) if self.scratch == "cpu" else 0
+        scratch = _conv_scratch_cpu(func, args, self.threads) if self.scratch == "cpu" else 0
         sizes = self.live()
-        total = sum(sizes.values())
+        host = sum(self._alive(self.host).values()) if self.target == "cpu" else 0
+        total = sum(sizes.values()) + host + scratch
         name = str(func.overloadpacket)
-        self.timeline.append((name, total + scratch))
-        if total + scratch > self.peak:
-            self.peak = total + scratch
+        self.timeline.append((name, total))
+        if total > self.peak:
+            self.peak = total
             self.peak_op = name
             self.breakdown = self.classify(sizes)
+            if host:
+                self.breakdown["checkpoint rng states"] = host
             if scratch:
                 self.breakdown["kernel scratch"] = scratch
         return out
 
 
+@contextlib.contextmanager
+def _rng_states_to(record: Callable[[torch.Tensor], None]):
+    """Show every CPU generator state taken (checkpoint's preserve_rng_state, fork_rng) to ``record``.
+
+    ``torch.get_rng_state`` returns a real tensor made outside the dispatcher, so no dispatch mode
+    sees it; it is wrapped for the duration of the block and restored after."""
+    original = torch.get_rng_state
+
+    def get_rng_state() -> torch.Tensor:
+        state = original()
+        record(state)
+        return state
+
+    torch.get_rng_state = get_rng_state
+    try:
+        yield
+    finally:
+        torch.get_rng_state = original
+
+
+def _step_counters(opt: torch.optim.Optimizer | None) -> set[int]:
+    """Storage keys of the optimizer's 0-dim ``step`` tensors (kept on the CPU unless capturable)."""
+    if opt is None:
+        return set()
+    return {storage_key(st["step"]) for st in opt.state.values()
+            if isinstance(st.get("step"), torch.Tensor) and st["step"].dim() == 0}
+
+
 def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None = None,
-                  optimizer: str = "adam", scratch: str = "cpu", steps: int = 2) -> MemoryReport:
+                  optimizer: str = "adam", scratch: str | None = None, steps: int = 2,
+                  keep_output: bool = True, amp: str | None = None, target: str | None = None,
+                  threads: int | None = None) -> MemoryReport:
     """Predict the peak memory of training ``model`` on ``example_inputs`` without compute.
 
     Runs ``steps`` real training steps on fake-tensor copies (no data, no compute); the model and
-    inputs are not touched.
-    ``scratch="cpu"`` adds the CPU convolution kernels' transient buffers; ``"none"`` counts only
-    tensors (what CUDA's allocator holds, cuDNN workspaces excluded).
+    inputs are not touched. ``target`` is the device whose allocator is modelled (default: the
+    model's): "cuda" rounds each storage to 512 B and leaves host memory out. ``scratch="cpu"`` (the
+    default on a CPU target) adds the CPU convolution kernels' transient buffers for ``threads``
+    OpenMP threads (default torch.get_num_threads()); ``"none"`` (CUDA's default) counts only tensors,
+    cuDNN workspaces excluded. ``amp``: None, "bf16" or "fp16" autocast on the model's device.
 
     >>> net = nn.Linear(1000, 1000, bias=False)            # 4 MB of weights
     >>> r = simulate_step(net, torch.empty(1, 1000, device="meta"), optimizer="sgd")
-    >>> r.peak_bytes // 1000                                # weights + grad + io
-    8004
+    >>> r.peak_bytes // 1000                                # weights + grad + input + output
+    8008
     """
-    if scratch not in SCRATCH_MODELS:
-        raise MemplanError(f"unknown scratch model {scratch!r}; choose one of {SCRATCH_MODELS}")
+    check_amp(amp)
     if optimizer not in OPTIMIZERS:
         raise MemplanError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    world = FakeWorld(home_device(model, example_inputs))
+    device = home_device(model, example_inputs)
+    target = device.type if target is None else target
+    if target not in TARGETS:
+        raise MemplanError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    scratch = ("cpu" if target == "cpu" else "none") if scratch is None else scratch
+    if scratch not in SCRATCH_MODELS:
+        raise MemplanError(f"unknown scratch model {scratch!r}; choose one of {SCRATCH_MODELS}")
+    if scratch == "cpu" and target == "cuda":
+        raise MemplanError("scratch='cpu' models CPU convolution kernels, not a CUDA step; "
+                           "use scratch='none' with target='cuda'")
+    threads = torch.get_num_threads() if threads is None else threads
+    if not isinstance(threads, int) or threads < 1:
+        raise MemplanError(f"threads must be a positive int (OpenMP threads of the CPU step), got {threads!r}")
+    world = FakeWorld(device)
     mmodel = world.module(model)
     inputs = world.inputs(as_tuple(example_inputs))
     params = list(mmodel.parameters())
@@ -224,43 +350,55 @@ def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | 
             out[kind] += nbytes
         return out
 
-    mode = _LiveStorages(scratch, classify)
+    mode = _LiveStorages(scratch, classify, target=target, threads=threads)
+
+    def seen_optimizer(opt) -> None:
+        holder[0] = opt
+        if opt is not None and target == "cuda":     # step counters appear at the first step
+            opt.register_step_post_hook(lambda o, *_: mode.host_keys.update(_step_counters(o)))
+
     for t in params + list(mmodel.buffers()) + list(inputs):
         if isinstance(t, torch.Tensor):
             mode.track(t)
-    with world.mode, mode:
-        run_steps(mmodel, inputs, loss_fn, optimizer, steps=steps, on_optimizer=lambda o: holder.__setitem__(0, o))
+    with world.mode, mode, _rng_states_to(mode.track_host):
+        run_steps(mmodel, inputs, loss_fn, optimizer, steps=steps, on_optimizer=seen_optimizer,
+                  keep_output=keep_output, amp=amp, device_type=device.type, fake=True)
+    label = f"scratch={scratch}" + (f", target={target}" if target != "cpu" else "") + (f", amp={amp}" if amp else "")
     return MemoryReport(peak_bytes=mode.peak, breakdown=mode.breakdown, timeline=mode.timeline,
-                        method=f"simulated (scratch={scratch})", peak_op=mode.peak_op)
+                        method=f"simulated ({label})", peak_op=mode.peak_op)
 
 
 def measure_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None = None,
-                 optimizer: str = "adam", device: str | torch.device = "cpu", steps: int = 2) -> MemoryReport:
+                 optimizer: str = "adam", device: str | torch.device = "cpu", steps: int = 2,
+                 keep_output: bool = True, amp: str | None = None) -> MemoryReport:
     """Measure the peak memory of real training steps on ``device`` (a copy of model and inputs).
 
     CPU: bytes live before the step plus the largest running sum of the profiler's allocator events.
-    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. ``keep_output`` and
+    ``amp`` as in simulate_step.
     """
     import copy
+    check_amp(amp)
     device = torch.device(device)
     if any(t.is_meta for t in tensors_in(as_tuple(example_inputs))):
         raise MemplanError("measure_step needs real example inputs, got meta tensors; use simulate_step to predict")
+    if device.type not in TARGETS:
+        raise MemplanError(f"measure_step supports cpu and cuda devices, got {device}")
     inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in as_tuple(example_inputs))
     work = copy.deepcopy(model).to(device)
     base = _storage_bytes(list(work.parameters()) + list(work.buffers()) + list(inputs))
+    run = dict(steps=steps, keep_output=keep_output, amp=amp, device_type=device.type)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        run_steps(work, inputs, loss_fn, optimizer, steps=steps)
+        run_steps(work, inputs, loss_fn, optimizer, **run)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return MemoryReport(peak_bytes=int(peak), breakdown={"before step": base}, timeline=[],
                             method="measured (cuda max_memory_allocated)", peak_op="")
-    if device.type != "cpu":
-        raise MemplanError(f"measure_step supports cpu and cuda devices, got {device}")
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_steps(work, inputs, loss_fn, optimizer, steps=steps)
+        run_steps(work, inputs, loss_fn, optimizer, **run)
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     current = peak = 0
