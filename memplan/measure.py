@@ -148,27 +148,32 @@ def _conv_scratch_cpu(func, args, threads: int) -> int:
     if name == "aten.convolution":      # (input, weight, bias, stride, padding, dilation, transposed, ...)
         return conv_scratch_bytes(args[0], args[1], args[3], args[4], bool(args[6]), int(args[8]), backward=False,
                                   threads=threads)
-    if name == "aten.convolution_backward":  # (grad_out, input, weight, bias_sizes, stride, padding, ...)
+    if name == "aten.convolution_backward":  # (grad_out, input, weight, bias_sizes, stride, ..., output_mask)
+        mask = args[10] if len(args) > 10 else (True, True, True)
         return conv_scratch_bytes(args[1], args[2], args[4], args[5], bool(args[7]), int(args[9]), backward=True,
-                                  threads=threads)
+                                  threads=threads, grad_input=bool(mask[0]))
     return 0
 
 
 def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transposed: bool, groups: int,
-                       *, backward: bool, threads: int | None = None) -> int:
-    """Scratch of one CPU 3D convolution (see README, "kernel scratch"); 0 for other ranks.
+                       *, backward: bool, threads: int | None = None, grad_input: bool = True) -> int:
+    """Bytes a CPU 3D convolution holds beyond its inputs and outputs at its peak; 0 for other ranks.
 
-    PyTorch picks oneDNN when the input is float32, (the kernel is not 1x1x1 unstrided, or batch >= 16,
-    or more than one thread) and (batch > 1, kernel > 3 in the last two dims, groups > 1, or
-    N*C*D*H > 20480); oneDNN reorders tensors into 16-channel blocks (forward: input
-    when C_in >= 16, and output; backward: input, grad_input, grad_output). Otherwise slow_conv3d
-    unfolds the input into N * C_in * prod(k) * prod(out spatial) elements; slow_conv_transpose3d
-    builds N * C_out * prod(k) * prod(in spatial) columns plus a copy of the input.
+    Which kernel runs follows ATen's ``use_mkldnn``: oneDNN when the input is float32 (and the kernel
+    is not 1x1x1 unstrided, or batch >= 16, or more than one ``threads``) and (batch > 1, kernel > 3
+    in the last two dims, groups > 1, or N*C*D*H > 20480); bfloat16/float16 always (AMX/AVX-512).
+    Otherwise slow_conv3d unfolds the input (N * C_in * prod(k) * out voxels), a transposed one
+    builds N * C_out * prod(k) * in voxels of columns, a 1x1x1 one's backward copies its input.
+    oneDNN (fp32) works in 16-channel blocked copies: ``b(t)`` (t padded to 16 channels; the input
+    is read in place when C_in < 16). Phases, each measured with the profiler (tests/test_ruler.py):
+    forward ``max(b(x) + b(w) + b(y), b(y) + y)``; backward ``max(b(gy) + b(w) + b(gx), b(gx) + gx,
+    gx + b(x) + b(gy) + b(w))``, for a stride > 1 also ``gx + b(x) + b(gx)``; minus the op's outputs.
     """
     if x.dim() != 5:
         return 0
-    n, c_in, spatial = x.shape[0], x.shape[1], x.shape[2:]
-    k = w.shape[2:]
+    threads = torch.get_num_threads() if threads is None else threads
+    n, c_in, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    k = tuple(w.shape[2:])
     esize = x.element_size()
     if transposed:
         c_out = w.shape[1] * groups
@@ -176,19 +181,35 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
     else:
         c_out = w.shape[0]
         out_sp = [(spatial[i] + 2 * padding[i] - k[i]) // stride[i] + 1 for i in range(3)]
+    vox_in, vox_out = math.prod(spatial), math.prod(out_sp)
     pointwise = all(v == 1 for v in k) and all(v == 1 for v in stride) and not any(padding)
-    mkldnn = x.dtype == torch.float32 and (not pointwise or n >= 16 or (torch.get_num_threads() if threads is None else threads) > 1) and (
-        groups > 1 or (k[-1] > 3 and k[-2] > 3) or n > 1 or n * c_in * spatial[0] * spatial[1] > 20480)
-    if mkldnn:
-        block = lambda c: 16 * math.ceil(c / 16)  # noqa: E731
-        blocked_in = n * block(c_in) * math.prod(spatial) * esize if c_in >= 16 else 0
-        blocked_out = n * block(c_out) * math.prod(out_sp) * esize
-        return (2 * blocked_in + blocked_out) if backward else (blocked_in + blocked_out)
-    if transposed:
-        return n * c_out * math.prod(k) * math.prod(spatial) * esize + x.numel() * esize
-    if pointwise:
-        return 0   # a 1x1x1 slow convolution reads its input in place
-    return n * c_in * math.prod(k) * math.prod(out_sp) * esize
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    mkldnn = half or (x.dtype == torch.float32 and (not pointwise or n >= 16 or threads > 1) and (
+        groups > 1 or (k[-1] > 3 and k[-2] > 3) or n > 1 or n * c_in * spatial[0] * spatial[1] > 20480))
+    if not mkldnn:
+        if transposed:   # columns; in a training step the backward also holds a copy of the input
+            return n * c_out * math.prod(k) * vox_in * esize + (x.numel() * esize if backward else 0)
+        if pointwise:
+            return x.numel() * esize if backward else 0    # the weight gradient reads a copy of x
+        return n * c_in * math.prod(k) * vox_out * esize
+    block = lambda c: 16 * math.ceil(c / 16)  # noqa: E731
+    xsz, ysz = n * c_in * vox_in * esize, n * c_out * vox_out * esize
+    gx_b = n * block(c_in) * vox_in * esize
+    x_b = gx_b if c_in >= 16 else 0
+    y_b = n * block(c_out) * vox_out * esize
+    w_b = block(c_out) * block(c_in) * math.prod(k) * esize // max(groups, 1)
+    if half:   # reduced-precision oneDNN: twice the larger blocked activation forward, four times backward
+        return (4 if backward else 2) * max(x_b, y_b, gx_b if backward else 0)
+    if not backward:
+        return max(x_b + w_b + y_b, y_b + ysz) - ysz
+    w_sz = w.numel() * esize
+    outputs = w_sz + c_out * esize + (xsz if grad_input else 0)
+    phases = [x_b + y_b + w_b + (xsz if grad_input else 0)]
+    if grad_input:
+        phases += [y_b + w_b + gx_b, gx_b + xsz]
+        if any(s > 1 for s in stride) and not transposed:
+            phases.append(xsz + x_b + gx_b)
+    return max(0, max(phases) - outputs)
 
 
 # -- live-storage tracking -------------------------------------------------------------------------
