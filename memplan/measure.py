@@ -187,8 +187,8 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
     mkldnn = half or (x.dtype == torch.float32 and (not pointwise or n >= 16 or threads > 1) and (
         groups > 1 or (k[-1] > 3 and k[-2] > 3) or n > 1 or n * c_in * spatial[0] * spatial[1] > 20480))
     if not mkldnn:
-        if transposed:   # columns; in a training step the backward also holds a copy of the input
-            return n * c_out * math.prod(k) * vox_in * esize + (x.numel() * esize if backward else 0)
+        if transposed:   # columns, and (in a training step) a copy of the input
+            return n * c_out * math.prod(k) * vox_in * esize + x.numel() * esize
         if pointwise:
             return x.numel() * esize if backward else 0    # the weight gradient reads a copy of x
         return n * c_in * math.prod(k) * vox_out * esize
