@@ -227,6 +227,7 @@ class _LiveStorages(TorchDispatchMode):
         self.refs: dict[int, weakref.ref] = {}
         self.host: dict[int, weakref.ref] = {}
         self.host_keys: set[int] = set()
+        self.counting_steps: Any = None     # the optimizer during its first step (counters appear)
         self.scratch = scratch
         self.classify = classify
         self.target = target
@@ -262,6 +263,8 @@ class _LiveStorages(TorchDispatchMode):
     def live(self) -> dict[int, int]:
         """Bytes booked per live storage on the target device."""
         sizes = self._alive(self.refs)
+        if self.counting_steps is not None:
+            self.host_keys |= _step_counters(self.counting_steps)
         if self.target == "cuda":
             return {k: cuda_allocation_bytes(v) for k, v in sizes.items() if k not in self.host_keys}
         return sizes
@@ -375,8 +378,10 @@ def simulate_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | 
 
     def seen_optimizer(opt) -> None:
         holder[0] = opt
-        if opt is not None and target == "cuda":     # step counters appear at the first step
-            opt.register_step_post_hook(lambda o, *_: mode.host_keys.update(_step_counters(o)))
+        if opt is not None and target == "cuda":     # step counters appear during the first step
+            opt.register_step_pre_hook(lambda o, *_: setattr(mode, "counting_steps", o if not mode.host_keys else None))
+            opt.register_step_post_hook(lambda o, *_: (mode.host_keys.update(_step_counters(o)),
+                                                       setattr(mode, "counting_steps", None)))
 
     for t in params + list(mmodel.buffers()) + list(inputs):
         if isinstance(t, torch.Tensor):
