@@ -8,8 +8,9 @@ target="cuda": 512-B rounding, host RNG states left out) against torch.cuda.max_
 reset_peak_memory_stats (measure_step), and the median of 5 timed steps (CUDA events, 2 warm-up
 steps) over the vanilla one of the same precision. Writes benchmarks/results/cuda.md and cuda.json.
 
-``--dry-run`` runs the same code path on the CPU at small sizes (measured = CPU profiler, times from
-perf_counter): it keeps the script from rotting without a GPU. The prediction assumes
+``--dry-run`` runs the same code path on the CPU at small sizes (measured = CPU profiler, one warm-up
+and one timed step from perf_counter) and writes cuda_dry_run.md/.json: it keeps the script from
+rotting without a GPU. The prediction assumes
 torch.backends.cudnn.benchmark=False and deterministic=False (the defaults) and excludes cuDNN
 workspaces; the table records the settings the run had.
 """
@@ -66,12 +67,13 @@ def nets() -> list[Net]:
     return out
 
 
-def step_seconds(module: nn.Module, x: torch.Tensor, amp: str | None, device: torch.device) -> float:
-    """Median seconds of ``TIMED`` Adam steps after ``WARMUP`` (CUDA events on a GPU)."""
+def step_seconds(module: nn.Module, x: torch.Tensor, amp: str | None, device: torch.device,
+                 warmup: int = WARMUP, timed: int = TIMED) -> float:
+    """Median seconds of ``timed`` Adam steps after ``warmup`` (CUDA events on a GPU)."""
     opt = make_optimizer("adam", list(module.parameters()))
     dtype = AMP_DTYPES[amp]
     times = []
-    for i in range(WARMUP + TIMED):
+    for i in range(warmup + timed):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -89,14 +91,15 @@ def step_seconds(module: nn.Module, x: torch.Tensor, amp: str | None, device: to
             dt = start.elapsed_time(end) / 1000.0
         else:
             dt = time.perf_counter() - t0
-        if i >= WARMUP:
+        if i >= warmup:
             times.append(dt)
         del out, loss
     return statistics.median(times)
 
 
-def check_net(net: Net, shape: tuple[int, ...], device: torch.device) -> list[dict]:
-    """The four rows (GCP off/on x fp32/bf16) of one network at one size."""
+def check_net(net: Net, shape: tuple[int, ...], device: torch.device, *, repeats: tuple[int, int] = (WARMUP, TIMED)
+              ) -> list[dict]:
+    """The four rows (GCP off/on x fp32/bf16) of one network at one size; ``repeats`` = (warm-up, timed)."""
     import copy
     torch.manual_seed(0)
     model = net.build()
@@ -108,7 +111,7 @@ def check_net(net: Net, shape: tuple[int, ...], device: torch.device) -> list[di
         for amp in (None, "bf16"):
             predicted = memplan.simulate_step(work, x, amp=amp, scratch="none", target="cuda").peak_bytes
             measured = memplan.measure_step(work, x, amp=amp, device=device).peak_bytes
-            seconds = step_seconds(work, x, amp, device)
+            seconds = step_seconds(work, x, amp, device, *repeats)
             key = amp or "fp32"
             if not gcp:
                 vanilla_s[key] = seconds
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"cuda_check: {net.name} {size}", file=sys.stderr, flush=True)
             try:
-                rows += check_net(net, shape, device)
+                rows += check_net(net, shape, device, repeats=(1, 1) if args.dry_run else (WARMUP, TIMED))
             except Exception as exc:  # noqa: BLE001 - one failing net must not hide the others
                 rows.append({"name": net.name, "input": size, "skipped": f"failed: {type(exc).__name__}: {exc}"})
             if device.type == "cuda":
