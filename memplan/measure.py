@@ -167,7 +167,9 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
     oneDNN (fp32) works in 16-channel blocked copies: ``b(t)`` (t padded to 16 channels; the input
     is read in place when C_in < 16). Phases, each measured with the profiler (tests/test_ruler.py):
     forward ``max(b(x) + b(w) + b(y), b(y) + y)``; backward ``max(b(gy) + b(w) + b(gx), b(gx) + gx,
-    gx + b(x) + b(gy) + b(w))``, for a stride > 1 also ``gx + b(x) + b(gx)``; minus the op's outputs.
+    gx + b(x) + b(gy) + p * b(w))``, for a stride > 1 also ``gx + b(x) + b(gx)``; minus the op's
+    outputs. ``b(w)`` pads C_in only when C_in >= 16; p = 2 weight-sized buffers, 9 when the kernel is
+    wider than the input (an upper bound: 5 to 9 measured).
     """
     if x.dim() != 5:
         return 0
@@ -197,14 +199,18 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
     gx_b = n * block(c_in) * vox_in * esize
     x_b = gx_b if c_in >= 16 else 0
     y_b = n * block(c_out) * vox_out * esize
-    w_b = block(c_out) * block(c_in) * math.prod(k) * esize // max(groups, 1)
+    w_b = block(c_out) * (block(c_in) if c_in >= 16 else c_in) * math.prod(k) * esize // max(groups, 1)
     if half:   # reduced-precision oneDNN: twice the larger blocked activation forward, four times backward
         return (4 if backward else 2) * max(x_b, y_b, gx_b if backward else 0)
     if not backward:
         return max(x_b + w_b + y_b, y_b + ysz) - ysz
     w_sz = w.numel() * esize
     outputs = w_sz + c_out * esize + (xsz if grad_input else 0)
-    phases = [x_b + y_b + w_b + (xsz if grad_input else 0)]
+    # the weight gradient is built in a blocked buffer beside the output one (2 weight-sized buffers);
+    # a kernel wider than the input (a 3x3x3 on 2^3 or 1^3 voxels) reduces over partial buffers: 4 to 8
+    # weights beyond the outputs were measured, run to run; the model takes the upper one (9 in all)
+    partials = 9 if any(k[i] > spatial[i] for i in range(3)) else 2
+    phases = [x_b + y_b + partials * w_b + (xsz if grad_input else 0)]
     if grad_input:
         phases += [y_b + w_b + gx_b, gx_b + xsz]
         if any(s > 1 for s in stride) and not transposed:

@@ -124,7 +124,8 @@ def _profiled_scratch(fn) -> int:
 CONVS = [(1, 16, 16, 3, 1, 40, False, 1), (1, 32, 16, 3, 1, 40, False, 1), (1, 16, 2, 3, 1, 40, False, 1),
          (1, 16, 2, 1, 1, 40, False, 0), (1, 16, 32, 3, 2, 40, False, 1), (2, 1, 16, 3, 1, 24, False, 1),
          (2, 2, 2, 3, 1, 24, False, 1), (2, 8, 16, 3, 2, 24, False, 1), (1, 4, 4, 3, 1, 16, False, 1),
-         (1, 16, 16, 3, 1, 40, True, 1), (1, 64, 32, 2, 2, 16, True, 0)]
+         (1, 16, 16, 3, 1, 40, True, 1), (1, 64, 32, 2, 2, 16, True, 0), (2, 128, 128, 3, 1, 3, False, 1),
+         (2, 128, 128, 3, 1, 2, False, 1), (2, 64, 64, 3, 1, 2, False, 1)]
 
 
 @pytest.mark.slow
@@ -143,9 +144,14 @@ def test_conv_scratch_model_matches_the_profiler_per_op(n, cin, cout, k, s, size
         [True, True, True]))
     model_f = conv_scratch_bytes(x, w, conv["stride"], conv["padding"], transposed, 1, backward=False)
     model_b = conv_scratch_bytes(x, w, conv["stride"], conv["padding"], transposed, 1, backward=True)
-    if not transposed or k > 2:
-        assert abs(model_f - fwd) <= 0.01 * max(fwd, 1), (model_f, fwd)
-    assert abs(model_b - bwd) <= 0.01 * max(bwd, 1), (model_b, bwd)
+    slow_transposed = transposed and k == 2      # slow_conv_transpose3d: per op its columns only; the
+    if slow_transposed:                          # model adds the input copy a training step holds
+        model_f, model_b = model_f - x.numel() * 4, model_b - x.numel() * 4   # (test_measure.py)
+    assert abs(model_f - fwd) <= 0.01 * max(fwd, 1), (model_f, fwd)
+    if k > size:   # a kernel wider than the input: partial weight gradients vary run to run; an upper bound
+        assert bwd <= model_b <= 2.1 * bwd, (model_b, bwd)
+    else:
+        assert abs(model_b - bwd) <= 0.04 * max(bwd, 1), (model_b, bwd)
 
 
 def test_conv_scratch_by_hand_and_threads_explicit():
