@@ -167,7 +167,7 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
     oneDNN (fp32) works in 16-channel blocked copies: ``b(t)`` (t padded to 16 channels; the input
     is read in place when C_in < 16). Phases, each measured with the profiler (tests/test_ruler.py):
     forward ``max(b(x) + b(w) + b(y), b(y) + y)``; backward ``max(b(gy) + b(w) + b(gx), b(gx) + gx,
-    gx + b(x) + b(gy) + p * b(w))``, for a stride > 1 also ``gx + b(x) + b(gx)``; minus the op's
+    gx + b(x) + b(gy) + p * b(w))`` (b(x) padded below 16 channels too for a 1x1x1 kernel), for a stride > 1 also ``gx + b(x) + b(gx)``; minus the op's
     outputs. ``b(w)`` pads C_in only when C_in >= 16; p = 2 weight-sized buffers, 9 when the kernel is
     wider than the input (an upper bound: 5 to 9 measured).
     """
@@ -211,7 +211,8 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
     # a kernel wider than the input (a 3x3x3 on 2^3 or 1^3 voxels) reduces over partial buffers: 4 to 8
     # weights beyond the outputs were measured, run to run; the model takes the upper one (9 in all)
     partials = 9 if any(k[i] > spatial[i] for i in range(3)) else 2
-    phases = [x_b + y_b + partials * w_b + (xsz if grad_input else 0)]
+    x_w = gx_b if pointwise else x_b        # a 1x1x1 weight gradient reads x padded even below 16 channels
+    phases = [x_w + y_b + partials * w_b + (xsz if grad_input else 0)]
     if grad_input:
         phases += [y_b + w_b + gx_b, gx_b + xsz]
         if any(s > 1 for s in stride) and not transposed:
@@ -254,6 +255,14 @@ class _LiveStorages(TorchDispatchMode):
         """Count a real tensor saved outside the dispatch mode (an RNG state) while it lives."""
         self.host[storage_key(t)] = weakref.ref(t.untyped_storage())
 
+    def _contiguous_copy(self, func, args) -> int:
+        """A convolution backward copies a non-contiguous grad_output (the expanded gradient of a
+        ``sum`` loss) into a contiguous tensor for the duration of the op, on every device."""
+        if str(func.overloadpacket) != "aten.convolution_backward" or args[0].is_contiguous():
+            return 0
+        nbytes = args[0].numel() * args[0].element_size()
+        return cuda_allocation_bytes(nbytes) if self.target == "cuda" else nbytes
+
     @staticmethod
     def _alive(refs: dict[int, weakref.ref]) -> dict[int, int]:
         sizes, dead = {}, []
@@ -281,6 +290,7 @@ class _LiveStorages(TorchDispatchMode):
         for t in tensors_in(out):
             self.track(t)
         scratch = _conv_scratch_cpu(func, args, self.threads) if self.scratch == "cpu" else 0
+        scratch += self._contiguous_copy(func, args)
         sizes = self.live()
         host = sum(self._alive(self.host).values()) if self.target == "cpu" else 0
         total = sum(sizes.values()) + host + scratch
