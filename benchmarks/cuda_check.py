@@ -130,7 +130,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['device']} (torch {meta['torch']}; cudnn.benchmark={meta['cudnn_benchmark']}, "
              f"cudnn.deterministic={meta['cudnn_deterministic']}). Predicted = simulate_step(scratch=\"none\", "
              "target=\"cuda\"); measured = max_memory_allocated after reset_peak_memory_stats (dry run: CPU "
-             "profiler); time ratio = median of 5 steps over the vanilla step of the same precision.", "",
+             f"profiler); time ratio = median of {meta.get('timed', TIMED)} steps after {meta.get('warmup', WARMUP)} "
+             "warm-up over the vanilla step of the same precision."
+             + (" Dry run: the error sets a CUDA prediction against a CPU measurement (CPU kernel scratch "
+                "included), so it is no accuracy figure; the run proves the code path." if meta["dry_run"] else ""), "",
              "| network | input | GCP | precision | predicted B | measured B | error | step | time ratio |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -179,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"dry_run": args.dry_run, "torch": torch.__version__,
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (dry run)",
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "cudnn_deterministic": torch.backends.cudnn.deterministic, "seconds": time.perf_counter() - t0}
+            "cudnn_deterministic": torch.backends.cudnn.deterministic, "seconds": time.perf_counter() - t0,
+            "warmup": 1 if args.dry_run else WARMUP, "timed": 1 if args.dry_run else TIMED}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "cuda_dry_run" if args.dry_run else "cuda"
