@@ -12,10 +12,14 @@ META = dict(device="meta")
 
 def test_linear_sgd_peak_by_hand():
     # Peak is the weight-gradient matmul: W (4e6 B) + dW (4e6 B) + x (1000 floats) + loss scalar
-    # + the ones_like gradient scalar that sum's backward expands.
-    r = memplan.simulate_step(nn.Linear(1000, 1000, bias=False), torch.empty(1, 1000, **META), optimizer="sgd")
-    assert r.peak_bytes == 4_000_000 + 4_000_000 + 4_000 + 4 + 4
+    # + the ones_like gradient scalar that sum's backward expands; the training loop's `out`
+    # (1000 floats) is alive through backward unless keep_output=False.
+    net, x = nn.Linear(1000, 1000, bias=False), torch.empty(1, 1000, **META)
+    r = memplan.simulate_step(net, x, optimizer="sgd")
+    assert r.peak_bytes == 4_000_000 + 4_000_000 + 4_000 + 4 + 4 + 4_000
     assert r.breakdown["parameters"] == 4_000_000
+    dropped = memplan.simulate_step(net, x, optimizer="sgd", keep_output=False)
+    assert dropped.peak_bytes == 4_000_000 + 4_000_000 + 4_000 + 4 + 4
 
 
 def test_mlp_sgd_momentum_peak_by_hand():
@@ -23,8 +27,10 @@ def test_mlp_sgd_momentum_peak_by_hand():
     # dW2 8000 (already in .grad), d(pre-relu) 6400, dW1 80000, loss and ones 4 + 4.
     # The relu output (6400) is released after threshold_backward; the pre-relu output was never kept.
     net = nn.Sequential(nn.Linear(100, 200, bias=False), nn.ReLU(), nn.Linear(200, 10, bias=False))
-    r = memplan.simulate_step(net, torch.empty(8, 100, **META), optimizer="sgd-momentum")
+    r = memplan.simulate_step(net, torch.empty(8, 100, **META), optimizer="sgd-momentum", keep_output=False)
     assert r.peak_bytes == 80_000 + 8_000 + 88_000 + 3_200 + 8_000 + 6_400 + 80_000 + 8
+    kept = memplan.simulate_step(net, torch.empty(8, 100, **META), optimizer="sgd-momentum")
+    assert kept.peak_bytes == r.peak_bytes + 8 * 10 * 4          # plus the 8x10 output the loop holds
     assert r.breakdown["optimizer state"] == 88_000
     assert r.breakdown["gradients"] == 8_000
 
