@@ -8,7 +8,7 @@ chosen by name (``PlanOptions.method``). This module only holds the table; mempl
 >>> lookup("fast")
 Traceback (most recent call last):
 ...
-memplan.errors.MemplanError: unknown method 'fast'; choose one of approx, auto, chen, exact, hand, rev, rev-only
+memplan.errors.MemplanError: unknown method 'fast'; choose one of approx, auto, chen, exact, hand, remat, rev, rev-only
 """
 from __future__ import annotations
 

@@ -76,20 +76,35 @@ def test_optimize_json_plan_file_and_plot(tmp_path, capsys):
 
 
 def test_optimize_text_names_every_figure(capsys):
-    assert main(["optimize", CONVNET, "--budget", "1MiB", "--optimizer", "sgd", "--method", "approx"]) == EXIT_OK
+    assert main(["optimize", CONVNET, "--budget", "1536KiB", "--optimizer", "sgd", "--method", "approx"]) == EXIT_OK
     text = capsys.readouterr().out
-    for needle in ("graph", "approx DP", "vanilla peak", "planned peak", "budget", "1.00 MiB", "overhead",
+    for needle in ("graph", "approx DP", "vanilla peak", "planned peak", "budget", "1.50 MiB", "overhead",
                    "segments", "recompute", "store", "optimizer sgd"):
         assert needle in text, needle
+
+
+#: C -> C Conv-BN-ReLU layers, each of which a reversible block can replace and free: REV pays here
+CHAIN_SOURCE = """
+        import torch
+        from torch import nn
+        INPUT_SHAPE = (1, 1, 40, 40, 40)
+        def build_model():
+            torch.manual_seed(0)
+            mods = [nn.Conv3d(1, 4, 3, padding=1)]
+            for _ in range(4):       # C -> C Conv-BN-ReLU layers: each can become a reversible block
+                mods += [nn.Conv3d(4, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4), nn.ReLU()]
+            return nn.Sequential(*mods, nn.Conv3d(4, 1, 1))
+        """
 
 
 def test_optimize_rev_reports_what_it_replaced(tmp_path, capsys):
     """GCP+REV reaches below the GCP floor on this net; the table and JSON name the replaced blocks,
     and the plan file rebuilds the same substituted network."""
-    loaded = load_model(CONVNET)
+    chain = write(tmp_path / "chain.py", CHAIN_SOURCE)
+    loaded = load_model(chain)
     gcp_floor = memplan.plan(loaded.model, loaded.inputs).simulated_peak_bytes
     plan_file = tmp_path / "rev.json"
-    assert main(["optimize", CONVNET, "--rev", "--json", "--out", str(plan_file)]) == EXIT_OK
+    assert main(["optimize", chain, "--rev", "--json", "--out", str(plan_file)]) == EXIT_OK
     out, err = capsys.readouterr()
     rec = json.loads(out)
     assert rec["rev"] and rec["planned_peak_bytes"] < gcp_floor
@@ -187,7 +202,7 @@ def test_fit_table_and_nothing_fits(capsys):
 # -- measure -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_measure_real_side_by_side():
-    proc = run("measure", CONVNET, "--budget", "1MiB", "--real", "--repeat", "1", "--json")
+    proc = run("measure", CONVNET, "--budget", "1536KiB", "--real", "--repeat", "1", "--json")
     assert proc.returncode == EXIT_OK, proc.stderr
     rec = json.loads(proc.stdout)
     v, p = rec["vanilla"], rec["planned"]
@@ -236,8 +251,8 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal():
     assert "planned peak" in proc.stdout and "planned peak" not in proc.stderr
 
 
-def test_quiet_drops_progress_but_keeps_notes(capsys):
-    assert main(["optimize", CONVNET, "--rev", "-q"]) == EXIT_OK
+def test_quiet_drops_progress_but_keeps_notes(tmp_path, capsys):
+    assert main(["optimize", write(tmp_path / "chain.py", CHAIN_SOURCE), "--rev", "-q"]) == EXIT_OK
     err = capsys.readouterr().err
     assert "tracing" not in err and "loading" not in err and "note: memplan REV substitution" in err
 
@@ -263,7 +278,7 @@ def test_bare_memplan_lists_the_commands_and_python_m_memplan_runs(tmp_path):
     (["optimize", TINY, "--budget", "12 bananas"], EXIT_USAGE, "cannot parse byte quantity '12 bananas'"),
     (["optimize", "UNTRACEABLE"], EXIT_USAGE, "Model cannot run without data.*Fix: forward reads a tensor.s values"),
     (["optimize", CONVNET, "--budget", "900KiB"], EXIT_BUDGET,
-     "below the smallest feasible peak 978 KiB.*\nhint: add --rev to plan with reversible blocks"),
+     "below the smallest feasible peak 1.35 MiB"),
     (["optimize", "TWO_INPUTS", "--input-shape", "1,1,8,8,8"], EXIT_USAGE,
      r"takes 2 inputs \(image, mask\) but --input-shape gives one tensor; define `def example_inputs\(\): "
      r"return \(image, mask\)` in .*two.py, a tuple of 2 tensors.*and drop --input-shape"),
@@ -294,12 +309,13 @@ def test_error_paths(tmp_path, monkeypatch, capsys, argv, code, match):
     assert re.search(match, captured.err, re.DOTALL)
 
 
-def test_budget_error_record_carries_the_floor_and_what_rev_reaches(capsys):
-    loaded = load_model(CONVNET)
+def test_budget_error_record_carries_the_floor_and_what_rev_reaches(tmp_path, capsys):
+    chain = write(tmp_path / "chain.py", CHAIN_SOURCE)
+    loaded = load_model(chain)
     gcp_floor = memplan.plan(loaded.model, loaded.inputs).simulated_peak_bytes
-    assert main(["optimize", CONVNET, "--budget", "900KiB", "--json"]) == EXIT_BUDGET
+    assert main(["optimize", chain, "--budget", "20MiB", "--json"]) == EXIT_BUDGET
     err = json.loads(capsys.readouterr().out)["error"]
-    assert err["type"] == "BudgetError" and err["budget_bytes"] == 900 * 1024
+    assert err["type"] == "BudgetError" and err["budget_bytes"] == 20 * 2**20
     assert err["min_feasible_bytes"] == gcp_floor and err["rev_min_bytes"] < gcp_floor
 
 

@@ -105,9 +105,9 @@ def test_memplan_plans_with_the_rpn_loss(phantoms, monkeypatch):
     example = torch.empty(1, 1, *SIZE, device="meta")
     real = memplan.simulate_step(model, example, loss_fn=planning_loss(model.num_anchors), scratch="none").peak_bytes
     summed = memplan.simulate_step(model, example, scratch="none").peak_bytes
-    # flatten_head copies both (1, 384, 8, 8, 8) maps (permute + reshape) and their gradients exist at full size:
-    # at least 2 maps x 196,608 floats more than summing the raw maps
-    assert real - summed >= 2 * 384 * 8 ** 3 * 4
+    # flatten_head copies both (1, 384, 8, 8, 8) maps (permute + reshape); with the loop holding the raw maps
+    # through backward in both steps, the copies and their gradients still add at least one map's bytes
+    assert real - summed >= 384 * 8 ** 3 * 4
     scores, deltas = flatten_head(*model(torch.randn(1, 1, *SIZE)), model.num_anchors)
     value = planning_loss(model.num_anchors, 8)(model(torch.randn(1, 1, *SIZE)))
     assert value.ndim == 0 and torch.isfinite(value)
