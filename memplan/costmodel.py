@@ -41,8 +41,6 @@ import numpy as np
 from .graph import MemGraph
 
 _CONCAT_TARGETS = {"cat", "concat", "concatenate", "cat.default", "concat.default"}
-#: the CPU generator state checkpoint(preserve_rng_state=True) keeps per recomputed segment
-RNG_STATE_BYTES = 5056
 OPTIMIZER_STATE_FACTOR = {"adam": 2, "sgd-momentum": 1, "sgd": 0, "none": 0}
 
 
@@ -173,7 +171,7 @@ def block_cost(c: CostArrays, lower: int, upper: int) -> BlockCost:
     recompute = bool(interior.any())
     keep = float(c.needed_b[v & b_upper].sum()) + (0.0 if recompute else float(c.extra_b[v].sum()))
     if recompute:
-        keep += unneeded_inputs(c, lower, upper & ~lower) + RNG_STATE_BYTES   # checkpoint's saved RNG state
+        keep += unneeded_inputs(c, lower, upper & ~lower)
     own = v & b_upper & (np.array(c.grad_owner) == np.arange(n))
     pending = pending_grads(c, c.boundary(upper)) - float(c.out_b[own].sum())
     rebuilt_from_outputs = np.where(own, c.out_b, 0.0)

@@ -76,9 +76,9 @@ def test_optimize_json_plan_file_and_plot(tmp_path, capsys):
 
 
 def test_optimize_text_names_every_figure(capsys):
-    assert main(["optimize", CONVNET, "--budget", "1536KiB", "--optimizer", "sgd", "--method", "approx"]) == EXIT_OK
+    assert main(["optimize", CONVNET, "--budget", "1450KiB", "--optimizer", "sgd", "--method", "approx"]) == EXIT_OK
     text = capsys.readouterr().out
-    for needle in ("graph", "approx DP", "vanilla peak", "planned peak", "budget", "1.50 MiB", "overhead",
+    for needle in ("graph", "approx DP", "vanilla peak", "planned peak", "budget", "1.42 MiB", "overhead",
                    "segments", "recompute", "store", "optimizer sgd"):
         assert needle in text, needle
 
@@ -202,11 +202,11 @@ def test_fit_table_and_nothing_fits(capsys):
 # -- measure -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_measure_real_side_by_side():
-    proc = run("measure", CONVNET, "--budget", "1536KiB", "--real", "--repeat", "1", "--json")
+    proc = run("measure", CONVNET, "--budget", "1450KiB", "--real", "--repeat", "1", "--json")
     assert proc.returncode == EXIT_OK, proc.stderr
     rec = json.loads(proc.stdout)
     v, p = rec["vanilla"], rec["planned"]
-    assert p["simulated_peak_bytes"] <= 2**20 < v["simulated_peak_bytes"]
+    assert p["simulated_peak_bytes"] <= 1450 * 1024 < v["simulated_peak_bytes"]
     assert rec["simulated_ratio"] == pytest.approx(p["simulated_peak_bytes"] / v["simulated_peak_bytes"])
     # measured in the same run: the plan really holds less, and each step took time
     assert 0 < p["measured_peak_bytes"] < v["measured_peak_bytes"]
