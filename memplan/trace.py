@@ -33,8 +33,7 @@ from .analyze import analyze
 from .bnfreeze import restored_buffers
 from .errors import MemplanError, TraceError
 from .graph import MemGraph
-from .inputs import DATA_DEPENDENT as _DATA_DEPENDENT, check_inputs, user_frame
-from .inputs import describe_inputs as _describe
+from .inputs import DATA_DEPENDENT as _DATA_DEPENDENT, check_inputs, input_failure, user_frame
 from .outofplace import rewrite_out_of_place
 from .planned import unwrap
 
@@ -311,13 +310,7 @@ def _eager_run(model: nn.Module, inputs: tuple, world: FakeWorld, fake_inputs: t
         if any(k in f"{type(exc).__name__}: {exc}" for k in _DATA_DEPENDENT):
             raise TraceError(f"{type(model).__name__} cannot run without data: {type(exc).__name__}: "
                              f"{_first_line(exc)}{at}.\nFix: {fix_for(exc, where)}") from exc
-        params = sorted({str(t.device) for t in list(model.parameters()) + list(model.buffers())})
-        raise MemplanError(
-            f"{type(model).__name__} fails on the example inputs ({_describe(inputs)}; parameters on "
-            f"{', '.join(params) or 'no device'}): {type(exc).__name__}: {_first_line(exc)}{at}.\n"
-            "Fix: give the input shape, dtype and device the network expects (batch, channels, then the spatial "
-            "sizes; the channel count of its first layer; sizes divisible by its total downsampling), or "
-            "pass several inputs as a tuple") from exc
+        raise input_failure(model, inputs, exc) from exc
     finally:
         fake_log.setLevel(level)
 
