@@ -132,17 +132,16 @@ def test_export_path_keeps_dict_outputs():
     compile_and_compare(DictOut, _x())
 
 
-@pytest.mark.parametrize("fraction", [None, 0.6, 0.75, 0.9])
+@pytest.mark.parametrize("fraction", [None, 0.0, 0.3, 0.7])
 def test_module_called_four_times_keeps_its_gradient_sum_order(fraction):
+    # budgets from the least-memory plan's simulated peak (0.0) towards vanilla: every one is feasible
     x = _x((1, 1, 12, 12, 12))
     budget = None
     if fraction is not None:
-        vanilla = memplan.simulate_step(SharedThrice().double(), x, scratch="none").peak_bytes
-        budget = int(fraction * vanilla)
-    try:
-        compile_and_compare(SharedThrice, x, budget=budget, require_recompute=False)
-    except memplan.BudgetError:
-        pytest.skip("budget below this net's floor")
+        least = memplan.plan(SharedThrice().double(), x, scratch="none")
+        floor, vanilla = least.simulated_peak_bytes, least.simulated_vanilla_peak_bytes
+        budget = int(floor + fraction * (vanilla - floor))
+    compile_and_compare(SharedThrice, x, budget=budget, require_recompute=False)
 
 
 def test_retain_graph_twice_and_a_gradient_penalty():
