@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._meta import FakeWorld, home_device, storage_key, tensors_in, written_args
-from .graph import MemGraph, NodeInfo
+from .graph import MemGraph, NodeInfo, alias_root
 from .measure import conv_scratch_bytes
 
 _PARAM, _BUFFER, _INPUT = "<param>", "<buffer>", "<input>"
@@ -163,15 +163,6 @@ def _target_name(n: torch.fx.Node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
-def _root(infos: dict[str, NodeInfo], name: str) -> str:
-    """Follow alias_of to the node that owns the storage."""
-    seen = set()
-    while infos[name].alias_of is not None and name not in seen:
-        seen.add(name)
-        name = infos[name].alias_of
-    return name
-
-
 def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "fx",
             notes: tuple[str, ...] = ()) -> MemGraph:
     """Build the MemGraph of ``gm``: one fake-tensor forward with saved-tensor hooks and FLOP counting.
@@ -245,9 +236,9 @@ def _mutation_constraints(gm: torch.fx.GraphModule, dag: nx.DiGraph, order: list
         for owner in infos[m].mutates:
             earlier = order[:index[m]]
             if owner in index:
-                root = _root(infos, owner)
+                root = alias_root(infos, owner)
                 readers = [u for u in earlier
-                           if any(_root(infos, p) == root for p in dag.predecessors(u))]
+                           if any(alias_root(infos, p) == root for p in dag.predecessors(u))]
                 together.append(tuple(sorted({root, m, *readers}, key=index.__getitem__)))
             elif owner in (_PARAM, _INPUT):
                 mine = _sources(gm, m, keep)

@@ -7,7 +7,7 @@ running the graph on meta tensors (memplan.analyze), so it is exact and costs no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import networkx as nx
 import torch.fx
@@ -52,6 +52,16 @@ class NodeInfo:
                 "new_bytes": self.saved_extra_bytes, "graph_input_bytes": self.saved_input_bytes}
 
 
+def alias_root(infos: Mapping[str, NodeInfo], name: str) -> str:
+    """The node that owns ``name``'s storage: ``alias_of`` followed while it names a known node
+    (views and in-place ops alias their root's storage)."""
+    seen = set()
+    while infos[name].alias_of in infos and name not in seen:
+        seen.add(name)
+        name = infos[name].alias_of
+    return name
+
+
 @dataclass
 class MemGraph:
     """The traced network: a networkx DiGraph of NodeInfo plus the fx GraphModule it came from.
@@ -81,6 +91,7 @@ class MemGraph:
     #: what that rewrite changed: (node name, what it was) pairs
     out_of_place: tuple[tuple[str, str], ...] = ()
     _index: dict[str, int] = field(default_factory=dict, repr=False)
+    _infos: dict[str, NodeInfo] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {name: i for i, name in enumerate(self.order)}
@@ -103,6 +114,12 @@ class MemGraph:
 
     def index(self, name: str) -> int:
         return self._index[name]
+
+    def root(self, name: str) -> str:
+        """The node owning ``name``'s storage (see :func:`alias_root`)."""
+        if self._infos is None:
+            self._infos = {n: self.info(n) for n in self.order}
+        return alias_root(self._infos, name)
 
     @property
     def total_flops(self) -> int:

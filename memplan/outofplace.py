@@ -23,7 +23,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import NodeInfo
+from .graph import NodeInfo, alias_root
 
 #: module type -> (functional twin, extra positional args read from the module)
 _MODULE_TWINS = {
@@ -88,11 +88,7 @@ def rewrite_out_of_place(gm: torch.fx.GraphModule, infos: dict[str, NodeInfo], o
     index = {n: i for i, n in enumerate(order)}
 
     def root(name: str) -> str:
-        seen = set()
-        while infos[name].alias_of is not None and name not in seen:
-            seen.add(name)
-            name = infos[name].alias_of
-        return name
+        return alias_root(infos, name)
 
     nodes = {n.name: n for n in gm.graph.nodes}
     output_args = {a.name for a in next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes}

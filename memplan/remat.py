@@ -123,7 +123,7 @@ def droppable_nodes(graph: MemGraph) -> frozenset[str]:
     """Nodes that may be dropped: pure, own their storage, not written in place later (a rebuild would
     give the value before the write), read by someone, not a graph output."""
     bad = impure_nodes(graph)
-    written = {_root(graph, n) for n in bad if graph.info(n).alias_of is not None}
+    written = {graph.root(n) for n in bad if graph.info(n).alias_of is not None}
     return frozenset(n for n in graph.order if n not in bad and n not in written and n not in graph.outputs
                      and graph.dag.out_degree(n) > 0 and graph.info(n).alias_of is None
                      and graph.info(n).out_bytes > 0)
@@ -158,7 +158,7 @@ class RematFamily(Family):
         self.c = dataclasses.replace(zeroed, flops=costs.flops * TIME_HEADROOM)
         idx = {n: i for i, n in enumerate(graph.order)}
         self.preds = [tuple(idx[p] for p in graph.dag.predecessors(nm)) for nm in graph.order]
-        root = [idx.get(_root(graph, nm), i) for i, nm in enumerate(graph.order)]
+        root = [idx.get(graph.root(nm), i) for i, nm in enumerate(graph.order)]
         self.savers: list[list[int]] = [[] for _ in range(costs.n)]
         for i, nm in enumerate(graph.order):
             for s in graph.info(nm).saved_from:
@@ -317,13 +317,6 @@ class RematFamily(Family):
             a, prev = pos[m], m
         return tuple(out)
 
-
-def _root(graph: MemGraph, name: str) -> str:
-    seen = set()
-    while graph.info(name).alias_of is not None and graph.info(name).alias_of in graph.dag and name not in seen:
-        seen.add(name)
-        name = graph.info(name).alias_of
-    return name
 
 
 @dataclass(frozen=True)

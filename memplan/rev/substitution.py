@@ -257,14 +257,6 @@ def _same_padding(conv: _ConvNd) -> tuple[int, ...] | None:
     return tuple(conv.padding)
 
 
-def _root(graph: MemGraph, name: str) -> str:
-    """The node owning ``name``'s storage (views and in-place ops alias their root's)."""
-    seen = set()
-    while graph.info(name).alias_of is not None and graph.info(name).alias_of in graph.dag and name not in seen:
-        seen.add(name)
-        name = graph.info(name).alias_of
-    return name
-
 
 def _owns_storage(graph: MemGraph, name: str) -> bool:
     """The node's one output spans a storage of its own (not a view, not in place)."""
@@ -282,13 +274,13 @@ def _input_kept_by(graph: MemGraph, inp: fx.Node, chain: Sequence[fx.Node]) -> t
     kept = {u.name for u in inp.users if u.name not in own}
     if inp.name not in graph.dag:
         return tuple(sorted(kept))                    # a graph input: never freed, its readers are enough
-    root = _root(graph, inp.name)
-    kept |= {i.name for i in graph if i.name not in own and root in {_root(graph, s) for s in i.saved_from
+    root = graph.root(inp.name)
+    kept |= {i.name for i in graph if i.name not in own and root in {graph.root(s) for s in i.saved_from
                                                                       if s in graph.dag}}
     owns = _owns_storage(graph, inp.name)
     fx_nodes = {n.name: n for n in graph.gm.graph.nodes}
     for other in graph.order:
-        if other == inp.name or _root(graph, other) != root:
+        if other == inp.name or graph.root(other) != root:
             continue
         if not owns:
             kept.add(other)                           # the input is a view: its base holds the storage
