@@ -23,17 +23,17 @@ def _row(net, point, budget, simulated=None, measured=None, recomputed=0, accept
             "recomputed": recomputed, "overhead": 0.1}
 
 
-def test_summary_counts_misses_and_splits_rng_from_scratch():
-    rng = torch.get_rng_state().numel()
-    rows = [_row("a", 0, 1000, 1000, 1000 + rng, recomputed=1),       # a miss the RNG state explains
-            _row("a", 1, 2000, 1990, 2100, recomputed=1),              # over by 100 <= rng: RNG
-            _row("b", 0, 1000, 1000, 1000 + 3 * rng, recomputed=2),   # over by 3 states with 2 segments: scratch
-            _row("b", 1, 5000, 4000, 4000),                             # fits
+def test_summary_counts_misses_and_the_measured_minus_simulated_range():
+    rows = [_row("a", 0, 1000, 1000, 1040, recomputed=1),     # over by 40, measured 40 above simulated
+            _row("a", 1, 2000, 1990, 2100, recomputed=1),     # over by 100, gap +110
+            _row("b", 0, 1000, 1000, 990, recomputed=2),      # fits, gap -10
+            _row("b", 1, 5000, 4000, 4000),                   # fits, gap 0
             _row("b", 2, 50, accepted=False)]
     text = markdown(rows, [])
-    assert "5 budgets, 4 accepted, 1 refused; 3 accepted budget(s) exceeded" in text
-    assert "2 of the misses are within the RNG states" in text and "1 exceed them" in text and ": b." in text
-    assert f"| b | 1x1x8x8x8 | 0 | 1,000 B | yes | 1,000 B | {1000 + 3 * rng:,} B | +{3 * rng:,} B |" in text
+    assert "5 budgets, 4 accepted, 1 refused; 2 accepted budget(s) exceeded when measured (worst by 100 B, +5.00%)" \
+        in text
+    assert "measured - simulated over the accepted plans: -10 B to +110 B." in text
+    assert "| a | 1x1x8x8x8 | 1 | 2,000 B | yes | 1,990 B | 2,100 B | +100 B | +5.00% | 1 | +110 B |" in text
     assert "**refused** (min feasible 51 B)" in text
 
 
