@@ -222,7 +222,7 @@ def train(config: TrainConfig, *, progress: bool | None = None, log: Callable[[s
         log(f"face RPN, input {config.batch_size}x1x{'x'.join(map(str, config.input_size))}, "
             f"{config.spacing_mm} mm voxels\n{compiled.summary}\nface: the loop holds "
             f"{memplan.format_bytes(held_bytes(config.input_size, config.batch_size))} of anchors and anchor "
-            "targets on top of the planned peak")
+            f"targets on top of the planned peak{' (the budget above is --budget less them)' if config.budget else ''}")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     anchors = make_anchors(config.input_size, config.box_scale)
     model.train()
