@@ -155,8 +155,9 @@ def compile_model(model: FaceRPN, input_size: Sequence[int], batch_size: int, bu
         return compile_for_training(model, (batch_size, 1, *input_size), budget=network_budget, device=device,
                                     loss_fn=planning_loss(model.num_anchors, anchor_batch))
     except memplan.BudgetError as err:
+        total = None if budget is None else memplan.parse_bytes(budget)
         raise memplan.BudgetError(f"{err}\n(face: plus {memplan.format_bytes(held)} of anchors and anchor "
-                                  f"targets held by the training loop)", budget_bytes=None if budget is None else memplan.parse_bytes(budget),
+                                  "targets held by the training loop)", budget_bytes=total,
                                   min_feasible_bytes=err.min_feasible_bytes + held) from None
 
 
