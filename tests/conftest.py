@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 
 SLOW_TESTS = {
     "tests/test_kusumoto.py::test_exact_dp_equals_brute_force": 27.5,
-    "tests/test_pose_cli.py::test_real_rev_training_reloads_the_trained_substituted_network": 22.9,
+    "tests/test_pose_cli.py::test_real_rev_training_then_refine_runs_the_trained_substituted_network": 24.0,
     "tests/test_rev_plan.py::test_budget_error_says_what_rev_would_reach_and_rev_reaches_it": 7.3,
     "tests/test_compile.py::test_budget_between_cost_model_floor_and_simulated_floor_is_accepted": 7.0,
     "tests/test_face_train.py::test_tiny_config_trains_with_loss_falling": 6.8,

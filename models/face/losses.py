@@ -67,13 +67,18 @@ def rpn_loss(scores: torch.Tensor, deltas: torch.Tensor, anchors: torch.Tensor, 
     if iou_balanced and bool(pos_in_used.any()):
         with torch.no_grad():
             regressed = decode_boxes(deltas[positive], anchors.expand(scores.shape[0], -1, -1)[positive])
-            truth = torch.cat([g[t.matched] for g, t in zip(gt_boxes, targets)]).reshape(*labels.shape, 6)
-            truth = truth.to(device=device, dtype=deltas.dtype)
-            iou = box_iou_aligned(regressed, truth[positive])
+            truth = torch.cat([g[t.matched[t.labels > 0]] for g, t in zip(gt_boxes, targets)])
+            iou = box_iou_aligned(regressed, truth.to(device=device, dtype=deltas.dtype))
         weights[pos_in_used] = iou_balanced_weights(iou, ce[pos_in_used], eta)
     cls = (weights * ce).sum() / max(int(used.sum()), 1)
-    target_deltas = torch.stack([t.deltas for t in targets]).to(device=device, dtype=deltas.dtype)
+    target_deltas = _positive_rows([t.deltas for t in targets], targets).to(device=device, dtype=deltas.dtype)
     num_pos = int(positive.sum())
-    reg = F.smooth_l1_loss(deltas[positive], target_deltas[positive], beta=smooth_l1_beta,
+    reg = F.smooth_l1_loss(deltas[positive], target_deltas, beta=smooth_l1_beta,
                            reduction="sum") / max(num_pos, 1)
     return RPNLoss(cls + reg_weight * reg, cls, reg, num_pos)
+
+
+def _positive_rows(per_sample: list[torch.Tensor], targets: list[AnchorTargets]) -> torch.Tensor:
+    """The rows of each sample's (A, ...) tensor at its positive anchors, in batch then anchor order (the
+    order of ``x[labels > 0]`` on the stacked batch) without stacking whole (N, A, ...) copies."""
+    return torch.cat([rows[t.labels > 0] for rows, t in zip(per_sample, targets)])

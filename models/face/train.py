@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import memplan
 from models.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
 from models.face.anchors import (ANCHOR_SIZES_VOX, LANDMARKS, AnchorTargets, generate_anchors, label_anchors,
                                  sample_anchors, target_boxes)
@@ -29,7 +30,7 @@ from models.loop import run_epochs
 from models.planning import Compiled, compile_for_training, resolve_device
 
 __all__ = ["TrainConfig", "build_model", "make_anchors", "batch_targets", "compile_model", "planning_loss",
-           "train_step", "fit_prior", "train", "CHECKPOINT_NAME", "CLIENT"]
+           "held_bytes", "batch_loss", "train_step", "fit_prior", "train", "CHECKPOINT_NAME", "CLIENT"]
 
 CLIENT = "face"
 
@@ -105,9 +106,15 @@ def batch_targets(landmarks: torch.Tensor, anchors: torch.Tensor, *, box_scale: 
 
 
 def planning_loss(num_anchors: int, anchor_batch: int = 256) -> Callable[[tuple], torch.Tensor]:
-    """rpn_loss's structure on fixed anchors, for memplan: the head maps flattened to anchor rows (the
-    large copies), cross-entropy of ``anchor_batch`` sampled rows and smooth L1 of half of them (the
-    positives); real targets pick rows by data, which meta tensors cannot."""
+    """rpn_loss's structure on fixed anchor rows, for memplan: the head maps flattened to anchor rows (the
+    large copies), cross-entropy of ``anchor_batch`` rows and smooth L1 of half of them (the positives).
+
+    Real targets pick rows by data, which fake tensors cannot; the fixed rows are the worst case of the
+    real sampling (it picks at most ``anchor_batch`` rows, at most half of them positive). The rows are
+    tiny next to the flattened maps and their full-size gradients, so the step's peak is the same:
+    ``measure_step`` with the real rpn_loss equals it to the byte (tests/test_face_train.py). What the
+    real step holds besides is the loop's data, :func:`held_bytes`.
+    """
     def loss(outputs: tuple) -> torch.Tensor:
         scores, deltas = flatten_head(outputs[0], outputs[1], num_anchors)
         rows = min(anchor_batch, scores.shape[1])
@@ -119,11 +126,39 @@ def planning_loss(num_anchors: int, anchor_batch: int = 256) -> Callable[[tuple]
     return loss
 
 
+def held_bytes(input_size: Sequence[int], batch_size: int, num_landmarks: int = len(LANDMARKS)) -> int:
+    """Bytes the training loop holds through every step besides the network: the anchors ((A, 6) float32,
+    24 B per anchor) and per sample the AnchorTargets (labels and matched int64, deltas (A, 6) and max_iou
+    float32: 44 B per anchor) and the (G, 6) float32 ground-truth boxes. memplan plans the network and its
+    loss; these come on top (at 160^3, 4.1 M anchors, 279 MB), so the budget it plans for is the rest.
+
+    >>> held_bytes((16, 16, 16), 1)                     # 64 cells x 64 anchors = 4096: 68 B each, + 5 boxes
+    278648
+    """
+    anchors = len(ANCHOR_SIZES_VOX) ** 3
+    for s in input_size:
+        anchors *= s // FEATURE_STRIDE
+    return 24 * anchors + batch_size * (44 * anchors + 24 * num_landmarks)
+
+
 def compile_model(model: FaceRPN, input_size: Sequence[int], batch_size: int, budget: str | int | None, *,
                   device: str | torch.device = "cpu", anchor_batch: int = 256) -> Compiled:
-    """``memplan.compile`` of ``model`` for (batch, 1, *input_size) inputs, planned with the RPN loss."""
-    return compile_for_training(model, (batch_size, 1, *input_size), budget=budget, device=device,
-                                loss_fn=planning_loss(model.num_anchors, anchor_batch))
+    """``memplan.compile`` of ``model`` for (batch, 1, *input_size) inputs, planned with the RPN loss.
+
+    ``budget`` is the whole step's: memplan plans the network for it less :func:`held_bytes` (the anchors
+    and targets the loop holds); a BudgetError names the smallest feasible budget with them included.
+    """
+    held = held_bytes(input_size, batch_size)
+    # a budget the loop's data fills already still plans (for 1 B): the BudgetError then names the floor
+    network_budget = None if budget is None else max(memplan.parse_bytes(budget) - held, 1)
+    try:
+        return compile_for_training(model, (batch_size, 1, *input_size), budget=network_budget, device=device,
+                                    loss_fn=planning_loss(model.num_anchors, anchor_batch))
+    except memplan.BudgetError as err:
+        total = None if budget is None else memplan.parse_bytes(budget)
+        raise memplan.BudgetError(f"{err}\n(face: plus {memplan.format_bytes(held)} of anchors and anchor "
+                                  "targets held by the training loop)", budget_bytes=total,
+                                  min_feasible_bytes=err.min_feasible_bytes + held) from None
 
 
 def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, image: torch.Tensor,
@@ -131,12 +166,20 @@ def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, image: torc
                num_anchors: int, eta: float = ETA, iou_balanced: bool = True) -> RPNLoss:
     """One optimiser step on a batch; returns the loss parts (before the step)."""
     optimizer.zero_grad(set_to_none=True)
-    cls_map, reg_map = network(image)
-    scores, deltas = flatten_head(cls_map, reg_map, num_anchors)
-    loss = rpn_loss(scores, deltas, anchors, targets, boxes, eta=eta, iou_balanced=iou_balanced)
+    loss = batch_loss(network(image), targets, boxes, anchors, num_anchors=num_anchors, eta=eta,
+                      iou_balanced=iou_balanced)
     loss.total.backward()
     optimizer.step()
     return loss
+
+
+def batch_loss(outputs: tuple[torch.Tensor, torch.Tensor], targets: list[AnchorTargets], boxes: list[torch.Tensor],
+               anchors: torch.Tensor, *, num_anchors: int, eta: float = ETA, iou_balanced: bool = True) -> RPNLoss:
+    """rpn_loss of the network's two head maps. The flattened copies of the maps (48 B per anchor) are
+    freed when it returns, before backward, as in the planning loss (held through backward they added
+    that much to the step's peak)."""
+    scores, deltas = flatten_head(outputs[0], outputs[1], num_anchors)
+    return rpn_loss(scores, deltas, anchors, targets, boxes, eta=eta, iou_balanced=iou_balanced)
 
 
 def fit_prior(dataset: FaceDataset) -> GraphPrior:
@@ -178,7 +221,9 @@ def train(config: TrainConfig, *, progress: bool | None = None, log: Callable[[s
                                  anchor_batch=config.anchor_batch)
         network, plan = compiled.module, compiled.plan
         log(f"face RPN, input {config.batch_size}x1x{'x'.join(map(str, config.input_size))}, "
-            f"{config.spacing_mm} mm voxels\n{compiled.summary}")
+            f"{config.spacing_mm} mm voxels\n{compiled.summary}\nface: the loop holds "
+            f"{memplan.format_bytes(held_bytes(config.input_size, config.batch_size))} of anchors and anchor "
+            f"targets on top of the planned peak{' (the budget above is --budget less them)' if config.budget else ''}")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     anchors = make_anchors(config.input_size, config.box_scale)
     model.train()
