@@ -24,24 +24,53 @@ def _segment_contexts(body: nn.Module):
     return snap.forward(), Reentrant(snap.recompute)
 
 
+#: Substrings of the fx targets that draw random numbers (dropout, torch.rand*, bernoulli, in-place samplers).
+_RANDOM_TARGETS = ("dropout", "bernoulli", "rand", "normal_", "uniform_", "multinomial", "exponential_")
+
+
+def _target_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """What an fx node calls, lower case: a submodule's class, a method or a function's name."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__.lower()
+    return str(getattr(node.target, "__name__", node.target)).lower()
+
+
+def compilable_by_dynamo(body: torch.fx.GraphModule) -> bool:
+    """Whether torch.compile's own checkpoint may recompute ``body`` exactly: it holds no buffers (a
+    BatchNorm statistic or counter its rerun would update again) and draws no random numbers (the
+    eager and aot_eager backends recompute without replaying the RNG)."""
+    if any(True for _ in body.buffers()):
+        return False
+    return not any(k in _target_name(body, n) for n in body.graph.nodes
+                   if n.op in ("call_module", "call_function", "call_method") for k in _RANDOM_TARGETS)
+
+
+@torch.compiler.disable
+def _checkpoint_eagerly(module: nn.Module, function, *args):
+    """Non-reentrant checkpoint with RNG and buffers restored for each recomputation; under torch.compile
+    a graph break, so dynamo neither traces nor recomputes it (the buffer contexts must run)."""
+    return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True,
+                      context_fn=functools.partial(_segment_contexts, module))
+
+
 class CheckpointSegment(nn.Module):
     """Runs ``body`` under non-reentrant checkpoint with RNG preserved; a recomputation reads and
     writes the buffers (BN statistics, counters) as they were in the forward, then restores them, so
-    they are updated once. Without autograd it just runs ``body``."""
+    they are updated once. Without autograd it just runs ``body``. Under torch.compile a pure body is
+    checkpointed by dynamo itself; one with buffers or random ops runs eagerly (a graph break)."""
 
     def __init__(self, body: torch.fx.GraphModule):
         super().__init__()
         self.body = body
+        self.dynamo_recomputes = compilable_by_dynamo(body)
 
     def forward(self, *args):
         if not torch.is_grad_enabled():
             return self.body(*args)
-        if torch.compiler.is_compiling():
-            # torch.compile functionalizes buffer writes and recomputes inside its own backward graph,
-            # which never replays them: the buffer contexts are neither needed nor supported there
+        if self.dynamo_recomputes and torch.compiler.is_compiling():
+            # dynamo turns this into its checkpoint operator; the backend recomputes the pure body
             return checkpoint(self.body, *args, use_reentrant=False, preserve_rng_state=True)
-        return checkpoint(self.body, *args, use_reentrant=False, preserve_rng_state=True,
-                          context_fn=functools.partial(_segment_contexts, self.body))
+        return _checkpoint_eagerly(self.body, self.body, *args)
 
 
 def _assign_blocks(gm: torch.fx.GraphModule, graph: MemGraph, plan: Plan) -> dict[str, int]:
@@ -191,8 +220,7 @@ class RematSegment(nn.Module):
             values, box[0] = box[0], None
             return self.body(*kept[:h], *values)
 
-        return checkpoint(run, *held, *sources, use_reentrant=False, preserve_rng_state=True,
-                          context_fn=functools.partial(_segment_contexts, self))
+        return _checkpoint_eagerly(self, run, *held, *sources)   # its closure state is no graph for dynamo
 
 
 class _Rebuilt(torch.autograd.Function):
