@@ -14,7 +14,7 @@ from .bnfreeze import BufferSnapshot, Reentrant
 from .errors import PlanMismatchError
 from .graph import MemGraph
 from .plan import Plan, check_plan
-from .planned import PlannedModule, all_in_mode, training_flags, unwrap
+from .planned import KeywordCall, PlannedModule, all_in_mode, keyword_call, training_flags, unwrap
 from .trace import trace_module
 
 
@@ -28,21 +28,25 @@ def _segment_contexts(body: nn.Module):
 _RANDOM_TARGETS = ("dropout", "bernoulli", "rand", "normal_", "uniform_", "multinomial", "exponential_")
 
 
-def _target_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
-    """What an fx node calls, lower case: a submodule's class, a method or a function's name."""
+def _draws_random(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether an fx node may draw random numbers (a dropout module counts only with p > 0)."""
     if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__.lower()
-    return str(getattr(node.target, "__name__", node.target)).lower()
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, (nn.modules.dropout._DropoutNd, nn.AlphaDropout)):
+            return mod.p > 0
+        name = type(mod).__name__
+    elif node.op in ("call_function", "call_method"):
+        name = str(getattr(node.target, "__name__", node.target))
+    else:
+        return False
+    return any(k in name.lower() for k in _RANDOM_TARGETS)
 
 
 def compilable_by_dynamo(body: torch.fx.GraphModule) -> bool:
     """Whether torch.compile's own checkpoint may recompute ``body`` exactly: it holds no buffers (a
     BatchNorm statistic or counter its rerun would update again) and draws no random numbers (the
-    eager and aot_eager backends recompute without replaying the RNG)."""
-    if any(True for _ in body.buffers()):
-        return False
-    return not any(k in _target_name(body, n) for n in body.graph.nodes
-                   if n.op in ("call_module", "call_function", "call_method") for k in _RANDOM_TARGETS)
+    eager backend recomputes without replaying the RNG)."""
+    return not any(True for _ in body.buffers()) and not any(_draws_random(body, n) for n in body.graph.nodes)
 
 
 @torch.compiler.disable
@@ -170,10 +174,13 @@ def rewrite(graph: MemGraph, plan: Plan) -> torch.fx.GraphModule:
     return out
 
 
-def compile_module(model: nn.Module, example_inputs: tuple, graph: MemGraph, plan: Plan) -> PlannedModule:
+def compile_module(model: nn.Module, example_inputs: tuple, graph: MemGraph, plan: Plan,
+                   example_kwargs: dict | None = None) -> PlannedModule:
     """The compiled module: ``plan`` applied to ``graph`` for the modes ``model`` is in, and the plain
-    trace of the other mode (all train or all eval) when its graph differs (see memplan.planned)."""
+    trace of the other mode (all train or all eval) when its graph differs (see memplan.planned).
+    ``graph`` is the trace of ``keyword_call(model, example_inputs, example_kwargs)``."""
     model = unwrap(model)
+    traced, inputs = keyword_call(model, example_inputs, example_kwargs)
     planned = rewrite(graph, plan)
     flags = training_flags(model)
     graphs = {flags: planned}
@@ -181,14 +188,15 @@ def compile_module(model: nn.Module, example_inputs: tuple, graph: MemGraph, pla
     with all_in_mode(model, other):
         other_flags = training_flags(model)
         if other_flags != flags:
-            gm, _, _ = trace_module(model, example_inputs)
+            gm, _, _ = trace_module(traced, inputs)
             graphs[other_flags] = planned if gm.code == graph.original_gm.code else gm
     try:
-        call = inspect.signature(model.forward).bind(*example_inputs)
+        call = inspect.signature(model.forward).bind(*example_inputs, **(example_kwargs or {}))
         call.apply_defaults()
     except (TypeError, ValueError):
         call = None
-    return PlannedModule(model, graphs, plan, call)
+    tensor_keywords = traced.tensor_names if isinstance(traced, KeywordCall) else ()
+    return PlannedModule(model, graphs, plan, call, len(example_inputs), tensor_keywords)
 
 
 class RematSegment(nn.Module):

@@ -205,6 +205,61 @@ def test_keyword_arguments_are_checked_not_silently_fixed():
     assert torch.equal(compiled(x, scale=1.0), net(x))
     with pytest.raises(MemplanError, match=r"scale=2\.0 differs from the 1\.0"):
         compiled(x, scale=2.0)
+    with pytest.raises(MemplanError, match=r"argument scale is a tensor but was 1\.0 .*example_kwargs"):
+        compiled(x, scale=torch.ones(()))          # a tensor where a constant was traced: never ignored
+
+
+class Masked(nn.Module):
+    """A keyword-only tensor (a mask, as attention and loss masks are passed) and a keyword constant."""
+
+    def __init__(self, w=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, w, 3, padding=1), nn.ReLU(), nn.Conv3d(w, w, 3, padding=1), nn.ReLU(),
+                                  nn.Conv3d(w, w, 3, padding=1), nn.ReLU(), nn.Conv3d(w, 1, 1))
+
+    def forward(self, x, *, mask=None, scale=1.0):
+        h = self.body(x) * scale
+        return h * mask if mask is not None else h
+
+
+def test_tensor_keyword_arguments_are_graph_inputs():
+    # compiled with one mask, trained with others: every step's output, input, mask and parameter
+    # gradients bitwise the original's in float64; the constant keyword stays checked
+    torch.manual_seed(0)
+    net = Masked().double()
+    twin = copy.deepcopy(net)
+    x = _x()
+    compiled = memplan.compile(net, x, scratch="none", example_kwargs={"mask": torch.rand_like(x), "scale": 2.0})
+    assert compiled.memplan_plan.recomputed_segments, compiled.memplan_plan.summary()
+    opt_a, opt_b = torch.optim.SGD(net.parameters(), lr=0.01), torch.optim.SGD(twin.parameters(), lr=0.01)
+    for step in range(3):
+        mask = torch.rand_like(x)
+        xa, xb, ma, mb = x.clone().requires_grad_(), x.clone().requires_grad_(), mask.clone().requires_grad_(), \
+            mask.clone().requires_grad_()
+        ya, yb = compiled(xa, mask=ma, scale=2.0), twin(xb, mask=mb, scale=2.0)
+        assert torch.equal(ya, yb), step
+        weighted_loss(ya).backward()
+        weighted_loss(yb).backward()
+        assert torch.equal(xa.grad, xb.grad) and torch.equal(ma.grad, mb.grad), step
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(net.parameters(), twin.parameters())), step
+        opt_a.step(); opt_b.step(); opt_a.zero_grad(); opt_b.zero_grad()
+    assert torch.equal(compiled(x=x, mask=mask, scale=2.0), twin(x, mask=mask, scale=2.0))   # x by name too
+    with pytest.raises(MemplanError, match=r"scale=1\.0 differs from the 2\.0"):
+        compiled(x, mask=mask)
+    with pytest.raises(MemplanError, match=r"argument mask is None but was a tensor"):
+        compiled(x, scale=2.0)
+    assert list(compiled.state_dict()) == list(net.state_dict())
+
+
+def test_example_kwargs_are_checked_up_front():
+    net = Masked()
+    x = torch.randn(X)
+    with pytest.raises(MemplanError, match=r"does not take .*keyword\(s\) maks"):
+        memplan.compile(net, x, example_kwargs={"maks": x})
+    with pytest.raises(MemplanError, match=r"mask hold tensors inside a container"):
+        memplan.compile(net, x, example_kwargs={"mask": [x]})
+    with pytest.raises(MemplanError, match=r"example_kwargs with REV"):
+        memplan.compile(net, x, rev=True, example_kwargs={"mask": x})
 
 
 def test_compiling_a_compiled_module_and_deepcopy():
