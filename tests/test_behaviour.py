@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch._inductor.config
+import torch.fx
 from torch import nn
 
 import memplan
@@ -330,6 +331,20 @@ def _train_close(fast, original, twin, x, *, steps=3, rtol=1e-9) -> str:
         opt_a.step(); opt_b.step()
         opt_a.zero_grad(); opt_b.zero_grad()
     return ""
+
+
+@pytest.mark.parametrize("layers, dynamo", [
+    ((nn.Conv3d(2, 2, 3, padding=1), nn.InstanceNorm3d(2, affine=True), nn.ReLU()), True),
+    ((nn.Conv3d(2, 2, 3, padding=1), nn.Dropout(0.0)), True),                 # MONAI's dropout=0.0 default
+    ((nn.Conv3d(2, 2, 3, padding=1), nn.BatchNorm3d(2)), False),              # running statistics
+    ((nn.Conv3d(2, 2, 3, padding=1), nn.Dropout3d(0.2)), False),              # RNG
+    ((nn.Conv3d(2, 2, 3, padding=1), nn.BatchNorm3d(2, track_running_stats=False)), True),
+])
+def test_which_segments_torch_compile_may_recompute(layers, dynamo):
+    body = torch.fx.symbolic_trace(nn.Sequential(*layers))
+    assert CheckpointSegment(body).dynamo_recomputes is dynamo
+    noisy = torch.fx.symbolic_trace(lambda x: x * torch.rand_like(x))            # a random function, not a module
+    assert not CheckpointSegment(noisy).dynamo_recomputes
 
 
 @pytest.mark.slow
