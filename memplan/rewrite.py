@@ -29,11 +29,15 @@ _RANDOM_TARGETS = ("dropout", "bernoulli", "rand", "normal_", "uniform_", "multi
 
 
 def _draws_random(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Whether an fx node may draw random numbers (a dropout module counts only with p > 0)."""
+    """Whether an fx node may draw random numbers: a dropout (sub)module with p > 0, a random function,
+    or a leaf module from outside torch.nn (a registered leaf, whose forward memplan cannot see)."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        if isinstance(mod, (nn.modules.dropout._DropoutNd, nn.AlphaDropout)):
-            return mod.p > 0
+        if not type(mod).__module__.startswith("torch.nn."):
+            return True
+        dropouts = [m for m in mod.modules() if isinstance(m, (nn.modules.dropout._DropoutNd, nn.AlphaDropout))]
+        if dropouts:
+            return any(m.p > 0 for m in dropouts)
         name = type(mod).__name__
     elif node.op in ("call_function", "call_method"):
         name = str(getattr(node.target, "__name__", node.target))

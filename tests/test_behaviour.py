@@ -347,6 +347,22 @@ def test_which_segments_torch_compile_may_recompute(layers, dynamo):
     assert not CheckpointSegment(noisy).dynamo_recomputes
 
 
+class _Noise(nn.Module):
+    def forward(self, x):
+        return x + torch.randn_like(x)
+
+
+def test_an_opaque_leaf_module_is_recomputed_by_memplan():
+    # a leaf from outside torch.nn (memplan.trace.register_leaf) may draw random numbers unseen
+    class Leafy(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, _Noise) or super().is_leaf_module(m, qualname)
+    net = nn.Sequential(nn.Conv3d(1, 1, 3), _Noise())
+    body = torch.fx.GraphModule(net, Leafy().trace(net))
+    assert [n.op for n in body.graph.nodes].count("call_module") == 2
+    assert not CheckpointSegment(body).dynamo_recomputes
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 def test_torch_compile_of_a_compiled_module(backend):
