@@ -21,7 +21,7 @@ from .plan import Plan, check_plan
 from .planners import plan_graph
 from .rev.search import estimate_rev_reach, rebuild_rev_graph
 from .inputs import check_inputs
-from .planned import unwrap
+from .planned import keyword_call, unwrap
 from .rewrite import compile_module, rewrite
 from .trace import trace
 from .units import format_bytes, parse_bytes
@@ -42,17 +42,18 @@ def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "ada
 def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
          method: str = "auto", rev: bool = False, loss_fn=None, scratch: str | None = None,
          lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, simulate: bool = True,
-         times: dict[str, float] | str | None = None) -> Plan:
+         times: dict[str, float] | str | None = None, example_kwargs: dict | None = None) -> Plan:
     """Decide what to keep and what to recompute for training ``model`` on ``example_inputs``.
 
     With ``budget`` (bytes or "12GB"): the least recompute whose whole training step fits.
     Without: the smallest feasible peak, then the least recompute for it. Node times are FLOPs
     unless ``times`` is a dict (node name -> seconds) or "measured" (timed on the CPU here).
     ``method`` names a registered planner (memplan.planners); ``rev=True`` adds REV to the DP.
+    ``example_kwargs``: keyword arguments of the call; tensors among them become graph inputs.
     """
     inputs = as_tuple(example_inputs)
     check_inputs(model, inputs)
-    model = unwrap(model)
+    model, inputs = keyword_call(unwrap(model), inputs, example_kwargs)
     if isinstance(times, str) and times != "measured":
         raise MemplanError(f"times must be a dict of node seconds or 'measured', got {times!r}")
     options = plan_options(model, inputs, budget=budget, optimizer=optimizer, method=method, rev=rev,
@@ -90,37 +91,45 @@ def _with_rev_hint(err: BudgetError, graph: MemGraph, options: PlanOptions) -> B
 
 def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
             method: str = "auto", rev: bool = False, plan: Plan | str | Path | None = None,
-            loss_fn=None, scratch: str | None = None) -> nn.Module:
+            loss_fn=None, scratch: str | None = None, example_kwargs: dict | None = None) -> nn.Module:
     """A module that trains like ``model`` in less memory; it carries its plan as ``.memplan_plan``.
 
     Gradient checkpointing never changes what the network computes; the result shares ``model``'s
-    parameters and buffers, so ``model.state_dict()`` stays the checkpoint format.
+    parameters and buffers, so ``model.state_dict()`` stays the checkpoint format. ``example_kwargs``:
+    keyword arguments of the call; tensors among them are graph inputs, other values are fixed (checked).
     """
-    inputs = as_tuple(example_inputs)
-    check_inputs(model, inputs)
+    call_inputs = as_tuple(example_inputs)
+    check_inputs(model, call_inputs)
     model = unwrap(model)
+    traced, inputs = keyword_call(model, call_inputs, example_kwargs)
+    rev_kwargs = MemplanError("example_kwargs with REV substitution is not supported (the substituted network is "
+                              "called positionally); compile without rev or without keyword arguments")
+    if example_kwargs and rev:
+        raise rev_kwargs
     if rev and plan is not None:
         raise MemplanError("compile(rev=True) plans REV itself; pass either rev=True or plan=, not both "
                            "(a saved plan that replaced passes rebuilds them by itself)")
     if plan is not None:
         the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
-        graph = trace(model, inputs)
+        graph = trace(traced, inputs)
         if the_plan.rev:                           # rebuild the substituted network the plan was made for
             graph = rebuild_rev_graph(graph, inputs, the_plan)
             warnings.warn(f"memplan plan replaces {len(the_plan.rev)} pass(es) with reversible blocks: the "
                           "network changes and the new blocks start from fresh weights", stacklevel=2)
         check_plan(the_plan, graph)
     else:
-        options = plan_options(model, inputs, budget=budget, optimizer=optimizer, method=method, rev=rev,
+        options = plan_options(traced, inputs, budget=budget, optimizer=optimizer, method=method, rev=rev,
                                loss_fn=loss_fn, scratch=scratch)
-        graph = trace(model, inputs)
+        graph = trace(traced, inputs)
         the_plan = _planned(graph, options)
         if the_plan.rev:
             graph = rebuild_rev_graph(graph, inputs, the_plan)
             warnings.warn("memplan REV substitution changed the network: its replaced blocks "
                           f"({len(the_plan.rev)}) start from fresh weights and must be trained", stacklevel=2)
     if the_plan.rev:                  # a changed network: its own parameters, not the original's
+        if example_kwargs:
+            raise rev_kwargs
         module = rewrite(graph, the_plan)
         module.memplan_plan = the_plan
         return module
-    return compile_module(model, inputs, graph, the_plan)
+    return compile_module(model, call_inputs, graph, the_plan, example_kwargs)

@@ -39,6 +39,53 @@ def all_in_mode(model: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
+class KeywordCall(nn.Module):
+    """``model`` called with its tensor keyword arguments as trailing positional inputs, so that a tracer
+    makes them graph inputs: ``forward(*inputs, *tensors)`` is ``model(*inputs, **tensors, **fixed)``.
+
+    >>> class Net(nn.Module):
+    ...     def forward(self, x, *, mask, scale=1.0): return x * mask * scale
+    >>> call = KeywordCall(Net(), 1, ("mask",), {"scale": 2.0})
+    >>> call(torch.ones(2), torch.tensor([0.0, 1.0])).tolist()
+    [0.0, 2.0]
+    """
+
+    def __init__(self, model: nn.Module, n_inputs: int, tensor_names: tuple[str, ...], fixed: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.n_inputs, self.tensor_names, self.fixed = n_inputs, tuple(tensor_names), dict(fixed)
+
+    def forward(self, *args):
+        n = self.n_inputs
+        return self.model(*args[:n], **dict(zip(self.tensor_names, args[n:])), **self.fixed)
+
+
+def keyword_call(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None) -> tuple[nn.Module, tuple]:
+    """What to trace for ``model(*inputs, **kwargs)``: ``(model, inputs)`` without keywords, else a
+    KeywordCall and ``inputs`` followed by the tensor keyword values (non-tensor ones are fixed)."""
+    if not kwargs:
+        return model, inputs
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise MemplanError(f"example_kwargs must be a dict of keyword arguments by name, got {type(kwargs).__name__}")
+    try:
+        inspect.signature(model.forward).bind(*inputs, **kwargs)
+    except TypeError as exc:
+        raise MemplanError(f"{type(model).__name__}.forward does not take example inputs {len(inputs)} positional "
+                           f"and keyword(s) {', '.join(kwargs)}: {exc}") from None
+    nested = [k for k, v in kwargs.items() if not isinstance(v, torch.Tensor) and _holds_tensor(v)]
+    if nested:
+        raise MemplanError(f"keyword argument(s) {', '.join(nested)} hold tensors inside a container; memplan "
+                           "takes a tensor keyword as one tensor. Fix: pass each tensor as its own keyword argument")
+    tensor_names = tuple(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    fixed = {k: v for k, v in kwargs.items() if k not in tensor_names}
+    return KeywordCall(model, len(inputs), tensor_names, fixed), inputs + tuple(kwargs[k] for k in tensor_names)
+
+
+def _holds_tensor(value: Any) -> bool:
+    from torch.utils._pytree import tree_flatten
+    return any(isinstance(t, torch.Tensor) for t in tree_flatten(value)[0])
+
+
 def unwrap(model: Any) -> Any:
     """The original network behind a compiled module (planning a compiled module plans its original)."""
     while isinstance(model, PlannedModule):
@@ -55,7 +102,8 @@ class PlannedModule(nn.Module):
     """
 
     def __init__(self, original: nn.Module, graphs: dict[tuple[bool, ...], torch.fx.GraphModule], plan,
-                 traced_call: inspect.BoundArguments | None = None):
+                 traced_call: inspect.BoundArguments | None = None, n_inputs: int = 0,
+                 tensor_keywords: tuple[str, ...] = ()):
         super().__init__()
         # the original's registries, shared: keys, order, devices and modes are the original's
         self._parameters = original._parameters
@@ -65,6 +113,8 @@ class PlannedModule(nn.Module):
         object.__setattr__(self, "memplan_original", original)
         object.__setattr__(self, "_memplan_graphs", dict(graphs))
         object.__setattr__(self, "_memplan_call", traced_call)
+        # the graphs take the first n_inputs positional arguments, then the tensor keyword arguments
+        object.__setattr__(self, "_memplan_inputs", (n_inputs, tuple(tensor_keywords)))
         self.memplan_plan = plan
 
     def __repr__(self) -> str:
@@ -107,15 +157,16 @@ class PlannedModule(nn.Module):
         del old
         return self
 
-    def _check_call(self, args: tuple, kwargs: dict) -> None:
-        """Refuse arguments the graph was not traced for (it bakes non-tensor and keyword values)."""
+    def _graph_inputs(self, args: tuple, kwargs: dict) -> tuple:
+        """The graph's inputs for a call: the positional tensors, then the tensor keywords it was traced
+        with. Refuses values the graph was not traced for (it bakes non-tensor and absent arguments)."""
         call = self._memplan_call
         if call is None:
             if kwargs:
                 raise MemplanError(f"this compiled module takes its tensor inputs positionally; got keyword "
                                    f"argument(s) {', '.join(kwargs)}. Fix: pass them when compiling "
                                    "(memplan.compile(net, (x, ...))) or leave them at their defaults")
-            return
+            return args
         try:
             bound = call.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -123,16 +174,24 @@ class PlannedModule(nn.Module):
         bound.apply_defaults()
         for name, value in bound.arguments.items():
             traced = call.arguments.get(name)
-            if isinstance(value, torch.Tensor) or isinstance(traced, torch.Tensor):
+            if isinstance(value, torch.Tensor) and isinstance(traced, torch.Tensor):
                 continue
+            if isinstance(value, torch.Tensor) or isinstance(traced, torch.Tensor):
+                now, then = ("a tensor", repr(traced)) if isinstance(value, torch.Tensor) else (repr(value), "a tensor")
+                raise MemplanError(
+                    f"argument {name} is {now} but was {then} when the graph was traced, and the traced graph "
+                    f"bakes which arguments are tensors. Fix: compile with {name} as it is called (for a keyword "
+                    f"tensor memplan.compile(net, x, example_kwargs={{{name!r}: t}})), or call it as compiled")
             if value != traced:
                 raise MemplanError(
                     f"argument {name}={value!r} differs from the {traced!r} the graph was traced with, and the "
                     "traced graph bakes it in. Fix: compile once per value (memplan.compile(net, example_inputs) "
                     f"with {name}={value!r} in the call) or keep {name} at {traced!r}")
+        n_inputs, tensor_keywords = self._memplan_inputs
+        return tuple(bound.args[:n_inputs]) + tuple(bound.arguments[k] for k in tensor_keywords)
 
     def forward(self, *args, **kwargs):
-        self._check_call(args, kwargs)
+        inputs = self._graph_inputs(args, kwargs)
         flags = training_flags(self.memplan_original)
         gm = self._memplan_graphs.get(flags)
         if gm is None:
@@ -143,4 +202,4 @@ class PlannedModule(nn.Module):
                     f"submodule(s) {', '.join(mixed[:3]) or '?'} are in {'eval' if self.training else 'train'} mode "
                     f"while the network is in {'train' if self.training else 'eval'} mode; memplan traced the all-train "
                     "and all-eval networks. Fix: compile after setting the modes you train with")
-        return gm(*args)
+        return gm(*inputs)

@@ -14,7 +14,7 @@ from .bnfreeze import BufferSnapshot, Reentrant
 from .errors import PlanMismatchError
 from .graph import MemGraph
 from .plan import Plan, check_plan
-from .planned import PlannedModule, all_in_mode, training_flags, unwrap
+from .planned import KeywordCall, PlannedModule, all_in_mode, keyword_call, training_flags, unwrap
 from .trace import trace_module
 
 
@@ -24,24 +24,61 @@ def _segment_contexts(body: nn.Module):
     return snap.forward(), Reentrant(snap.recompute)
 
 
+#: Substrings of the fx targets that draw random numbers (dropout, torch.rand*, bernoulli, in-place samplers).
+_RANDOM_TARGETS = ("dropout", "bernoulli", "rand", "normal_", "uniform_", "multinomial", "exponential_")
+
+
+def _draws_random(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether an fx node may draw random numbers: a dropout (sub)module with p > 0, a random function,
+    or a leaf module from outside torch.nn (a registered leaf, whose forward memplan cannot see)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if not type(mod).__module__.startswith("torch.nn."):
+            return True
+        dropouts = [m for m in mod.modules() if isinstance(m, (nn.modules.dropout._DropoutNd, nn.AlphaDropout))]
+        if dropouts:
+            return any(m.p > 0 for m in dropouts)
+        name = type(mod).__name__
+    elif node.op in ("call_function", "call_method"):
+        name = str(getattr(node.target, "__name__", node.target))
+    else:
+        return False
+    return any(k in name.lower() for k in _RANDOM_TARGETS)
+
+
+def compilable_by_dynamo(body: torch.fx.GraphModule) -> bool:
+    """Whether torch.compile's own checkpoint may recompute ``body`` exactly: it holds no buffers (a
+    BatchNorm statistic or counter its rerun would update again) and draws no random numbers (the
+    eager backend recomputes without replaying the RNG)."""
+    return not any(True for _ in body.buffers()) and not any(_draws_random(body, n) for n in body.graph.nodes)
+
+
+@torch.compiler.disable
+def _checkpoint_eagerly(module: nn.Module, function, *args):
+    """Non-reentrant checkpoint with RNG and buffers restored for each recomputation; under torch.compile
+    a graph break, so dynamo neither traces nor recomputes it (the buffer contexts must run)."""
+    return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True,
+                      context_fn=functools.partial(_segment_contexts, module))
+
+
 class CheckpointSegment(nn.Module):
     """Runs ``body`` under non-reentrant checkpoint with RNG preserved; a recomputation reads and
     writes the buffers (BN statistics, counters) as they were in the forward, then restores them, so
-    they are updated once. Without autograd it just runs ``body``."""
+    they are updated once. Without autograd it just runs ``body``. Under torch.compile a pure body is
+    checkpointed by dynamo itself; one with buffers or random ops runs eagerly (a graph break)."""
 
     def __init__(self, body: torch.fx.GraphModule):
         super().__init__()
         self.body = body
+        self.dynamo_recomputes = compilable_by_dynamo(body)
 
     def forward(self, *args):
         if not torch.is_grad_enabled():
             return self.body(*args)
-        if torch.compiler.is_compiling():
-            # torch.compile functionalizes buffer writes and recomputes inside its own backward graph,
-            # which never replays them: the buffer contexts are neither needed nor supported there
+        if self.dynamo_recomputes and torch.compiler.is_compiling():
+            # dynamo turns this into its checkpoint operator; the backend recomputes the pure body
             return checkpoint(self.body, *args, use_reentrant=False, preserve_rng_state=True)
-        return checkpoint(self.body, *args, use_reentrant=False, preserve_rng_state=True,
-                          context_fn=functools.partial(_segment_contexts, self.body))
+        return _checkpoint_eagerly(self.body, self.body, *args)
 
 
 def _assign_blocks(gm: torch.fx.GraphModule, graph: MemGraph, plan: Plan) -> dict[str, int]:
@@ -141,10 +178,13 @@ def rewrite(graph: MemGraph, plan: Plan) -> torch.fx.GraphModule:
     return out
 
 
-def compile_module(model: nn.Module, example_inputs: tuple, graph: MemGraph, plan: Plan) -> PlannedModule:
+def compile_module(model: nn.Module, example_inputs: tuple, graph: MemGraph, plan: Plan,
+                   example_kwargs: dict | None = None) -> PlannedModule:
     """The compiled module: ``plan`` applied to ``graph`` for the modes ``model`` is in, and the plain
-    trace of the other mode (all train or all eval) when its graph differs (see memplan.planned)."""
+    trace of the other mode (all train or all eval) when its graph differs (see memplan.planned).
+    ``graph`` is the trace of ``keyword_call(model, example_inputs, example_kwargs)``."""
     model = unwrap(model)
+    traced, inputs = keyword_call(model, example_inputs, example_kwargs)
     planned = rewrite(graph, plan)
     flags = training_flags(model)
     graphs = {flags: planned}
@@ -152,14 +192,15 @@ def compile_module(model: nn.Module, example_inputs: tuple, graph: MemGraph, pla
     with all_in_mode(model, other):
         other_flags = training_flags(model)
         if other_flags != flags:
-            gm, _, _ = trace_module(model, example_inputs)
+            gm, _, _ = trace_module(traced, inputs)
             graphs[other_flags] = planned if gm.code == graph.original_gm.code else gm
     try:
-        call = inspect.signature(model.forward).bind(*example_inputs)
+        call = inspect.signature(model.forward).bind(*example_inputs, **(example_kwargs or {}))
         call.apply_defaults()
     except (TypeError, ValueError):
         call = None
-    return PlannedModule(model, graphs, plan, call)
+    tensor_keywords = traced.tensor_names if isinstance(traced, KeywordCall) else ()
+    return PlannedModule(model, graphs, plan, call, len(example_inputs), tensor_keywords)
 
 
 class RematSegment(nn.Module):
@@ -191,8 +232,7 @@ class RematSegment(nn.Module):
             values, box[0] = box[0], None
             return self.body(*kept[:h], *values)
 
-        return checkpoint(run, *held, *sources, use_reentrant=False, preserve_rng_state=True,
-                          context_fn=functools.partial(_segment_contexts, self))
+        return _checkpoint_eagerly(self, run, *held, *sources)   # its closure state is no graph for dynamo
 
 
 class _Rebuilt(torch.autograd.Function):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -137,10 +138,13 @@ def _fake_run(module: nn.Module, world: FakeWorld, fake_inputs: tuple) -> _Run:
 
 
 # -- tracers ---------------------------------------------------------------------------------------
-def fx_trace(model: nn.Module) -> torch.fx.GraphModule:
-    """Symbolically trace ``model`` with memplan's leaf rules; the GraphModule shares its parameters."""
+def fx_trace(model: nn.Module, n_inputs: int | None = None) -> torch.fx.GraphModule:
+    """Symbolically trace ``model`` with memplan's leaf rules; the GraphModule shares its parameters.
+    A ``forward(self, *args)`` gets one placeholder per input (``n_inputs`` of them)."""
     tracer = _Tracer()
-    graph = tracer.trace(model)
+    params = list(inspect.signature(model.forward).parameters.values())
+    varargs = len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL
+    graph = tracer.trace(model, concrete_args=(torch.fx.PH,) * n_inputs if varargs and n_inputs else None)
     name = model.__class__.__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
 
@@ -325,7 +329,7 @@ def trace_module(model: nn.Module, example_inputs: Any, *, validate: bool = True
     fake_inputs = world.inputs(inputs)
     eager = _eager_run(model, inputs, world, fake_inputs) if validate else None
     attempts: list[TraceAttempt] = []
-    for name, make in (("fx", lambda: fx_trace(model)), ("export", lambda: export_trace(model, inputs))):
+    for name, make in (("fx", lambda: fx_trace(model, len(inputs))), ("export", lambda: export_trace(model, inputs))):
         try:
             with restored_buffers(model, parameters=True):   # fx runs writes on real tensors for real
                 gm = make()
