@@ -31,18 +31,21 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def first_difference(compiled: nn.Module, original: nn.Module, twin: nn.Module, x: torch.Tensor, *, steps: int = 3,
-                     lr: float = 0.01, seed: int = 0, loss: Callable = weighted_loss) -> str:
+                     lr: float = 0.01, seed: int = 0, loss: Callable = weighted_loss,
+                     kwargs: Callable[[int], dict] | None = None) -> str:
     """Train ``compiled`` (which shares ``original``'s parameters) and ``twin`` (a deep copy of ``original``
     taken before compiling) side by side with SGD; '' when outputs, input and parameter gradients and
-    buffers are bitwise equal at every step, else the first difference."""
+    buffers are bitwise equal at every step, else the first difference. ``kwargs(step)``: the keyword
+    arguments of that step's call (the same objects go to both)."""
     opt_a = torch.optim.SGD([p for p in original.parameters() if p.requires_grad], lr=lr)
     opt_b = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=lr)
     for step in range(steps):
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        kw = kwargs(step) if kwargs is not None else {}
         torch.manual_seed(seed + step)
-        ya = compiled(xa)
+        ya = compiled(xa, **kw)
         torch.manual_seed(seed + step)
-        yb = twin(xb)
+        yb = twin(xb, **kw)
         for i, (a, b) in enumerate(zip(tensors(ya), tensors(yb), strict=True)):
             if not same(a, b):
                 return f"step {step}: output {i} differs by {(a - b).abs().max().item():.3g}"
