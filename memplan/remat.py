@@ -51,7 +51,7 @@ from torch import nn
 from .costmodel import CostArrays, build_costs
 from .errors import BudgetError, MemplanError
 from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
-from .kusumoto import Family, Transitions, feasible, least_time, min_kept
+from .kusumoto import Family, Transitions, block_peaks, block_terms, feasible, least_time, min_kept
 from .measure import OPTIMIZERS, SCRATCH_MODELS, simulate_step
 from .plan import Plan, Segment, with_simulation
 from .rewrite import rewrite
@@ -224,37 +224,18 @@ class RematFamily(Family):
         return [tuple(int(u) for u, r in zip(din, reads) if r[k]) for k in range(v.shape[0])]
 
     def transitions(self, a: int) -> Transitions:
-        """Block costs from set ``a`` to every strict superset (Family.transitions plus dropped nodes)."""
+        """Block costs from set ``a`` to every strict superset (kusumoto.block_terms with the dropped nodes,
+        plus each block's rebuild)."""
         if a in self._cache:
             return self._cache[a]
-        c, cz = self.base, self.cz
-        la = self.bits[a]
-        is_super = ~(la[None, :] & ~self.bits).any(axis=1) & (self.sizes > self.sizes[a])
-        targets = np.nonzero(is_super)[0]
-        v = self.bits[targets] & ~la[None, :]
-        b = self.bnd[targets]
-        interior = v & ~b
+        c = self.base
+        t = block_terms(self, a, self.dmask, saved_b=c.needed_b)
+        v = t.v
         reads = self.dropped_inputs(a, v)
-        reads_d = np.array([bool(r) for r in reads], dtype=bool)
-        recompute = interior.any(axis=1) | (v & self.dmask[None, :]).any(axis=1) | reads_d
-        vf = v.astype(np.float64)
-        extra = vf @ c.extra_b
-        keep = (v & b).astype(np.float64) @ cz.needed_b + np.where(recompute, 0.0, extra)
-        held = np.zeros(len(targets))
-        for u in np.nonzero(self.bnd[a] & (c.needed_b == 0) & ~self.dmask)[0]:   # unsaved checkpoint inputs
-            succ = list(c.succ_lists[u])
-            if succ:
-                held += np.where(v[:, succ].any(axis=1), c.out_b[u], 0.0)
-        keep = keep + np.where(recompute, held, 0.0)
-        rebuilt_here = interior | (v & b & self.dmask[None, :])
-        per_node = v * c.extra_b[None, :]
-        np.add.at(per_node, (slice(None), c.first_saver), rebuilt_here * c.needed_b[None, :])
-        per_node = per_node * recompute[:, None]
-        own = v & b & self._self_owned[None, :]
-        per_node = per_node + own * c.out_b[None, :]
-        time_ = np.where(recompute, vf @ c.flops, 0.0)
-        start = np.zeros(len(targets))                      # working set when the rebuild runs
-        infeasible = np.zeros(len(targets), dtype=bool)
+        keep, per_node = t.keep_b.copy(), t.per_node_b.copy()
+        time_ = np.where(t.recompute, v.astype(np.float64) @ c.flops, 0.0)
+        start = np.full(len(t.targets), -np.inf)            # working set when the rebuild runs
+        infeasible = np.zeros(len(t.targets), dtype=bool)
         for k, inputs in enumerate(reads):
             if not inputs:
                 continue
@@ -269,15 +250,9 @@ class RematFamily(Family):
                 savers = [s for s in self.savers[u] if v[k, s]]
                 if savers:
                     per_node[k, min(savers)] += c.out_b[u]
-        rebuilt_at = np.cumsum(per_node, axis=1)
-        here = rebuilt_at + interior * c.out_b[None, :] + c.work_b[None, :] + c.scratch_b[None, :]
-        inner = np.where(v, here, -np.inf).max(axis=1) if len(targets) else np.zeros(0)
-        own_b = own.astype(np.float64) @ c.out_b
-        inner = np.maximum(inner, np.where(reads_d, start + own_b, -np.inf))
-        peak = keep + self.pending[targets] - own_b + inner
-        peak = np.where(recompute & (v & c.pinned[None, :]).any(axis=1), np.inf, peak)
+        peak = block_peaks(self, t, per_node, keep, start_b=start)
         peak = np.where(infeasible, np.inf, peak)
-        tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=time_, recompute=recompute)
+        tr = Transitions(targets=t.targets, keep_b=keep, peak_b=peak, time=time_, recompute=t.recompute)
         self._cache[a] = tr
         return tr
 
