@@ -125,7 +125,7 @@ def test_remat_plan_round_trips_json_and_old_plans_load(tmp_path):
     x = torch.randn(1, 1, 16)
     g = memplan.trace(net, x)
     plan = plan_for_dropped(g, ["relu"], RematOptions(optimizer="sgd"))
-    assert _rebuilt(plan) == [("relu",)]
+    assert _rebuilt(plan) and set(_rebuilt(plan)) == {("relu",)}      # each reader of relu rebuilds it
     again = Plan.from_json(plan.to_json(tmp_path / "p.json"))
     assert again == plan
     d = json.loads(plan.to_json())                              # a plan written before segments had these
