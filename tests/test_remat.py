@@ -331,3 +331,18 @@ def test_rebuild_peak_frees_each_value_after_its_last_reader():
     assert fam.rebuild_peak([0, 1, 2], (2,)) == 2 * four
     # rebuild _1 and _3: _1 stays; peak when _2 is made beside _1, or _3 beside _2 and _1
     assert fam.rebuild_peak([0, 1, 2, 3], (1, 3)) == four + two + two
+
+
+def test_a_family_built_like_another_has_the_same_block_costs():
+    g = memplan.trace(TinyUNet1D(), torch.empty(1, 1, 64, device="meta"))
+    costs = build_costs(g, optimizer="adam")
+    masks, _, _, _ = lower_set_masks(g, 2000)
+    impure = frozenset(g.index(n) for n in impure_nodes(g))
+    template = RematFamily(costs, masks, g, frozenset(), impure)
+    dropped = frozenset(g.index(n) for n in ("relu", "pool"))
+    fresh, shared = RematFamily(costs, masks, g, dropped, impure), RematFamily(costs, masks, g, dropped, impure,
+                                                                               like=template)
+    for a in range(len(fresh)):
+        t1, t2 = fresh.transitions(a), shared.transitions(a)
+        for f in ("targets", "keep_b", "peak_b", "time", "recompute"):
+            assert np.array_equal(getattr(t1, f), getattr(t2, f)), (a, f)
