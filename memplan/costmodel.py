@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .graph import MemGraph
 
@@ -151,6 +152,38 @@ def build_costs(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, 
                       pinned=np.array([nm in pinned or nm in graph.pinned for nm in order], dtype=bool), first_saver=first_saver,
                       grad_owner=tuple(grad_owner),
                       static_bytes=int(static), n=n)
+
+
+def param_gradients(graph: MemGraph) -> list[tuple[int, int]]:
+    """(reader bitmask over graph order, gradient bytes) per trainable parameter. Backward runs the chain's
+    blocks in reverse and zero_grad(set_to_none) leaves no gradient before it, so while a block above lower
+    set L runs backward, the gradients of parameters read only inside L do not exist yet. A parameter read
+    by a node outside the DAG gets the mask of every node (its gradient counts as always there)."""
+    idx = {name: i for i, name in enumerate(graph.order)}
+    everyone = (1 << len(graph.order)) - 1
+    found: dict[int, list] = {}
+    for node in graph.gm.graph.nodes:
+        if node.op == "call_module":
+            params, readers = list(graph.gm.get_submodule(node.target).parameters()), [node]
+        elif node.op == "get_attr":
+            attr = graph.gm
+            for part in str(node.target).split("."):
+                attr = getattr(attr, part, None)
+            params, readers = ([attr] if isinstance(attr, torch.nn.Parameter) else []), list(node.users)
+        else:
+            continue
+        mask = 0
+        for r in readers:
+            mask |= 1 << idx[r.name] if r.name in idx else everyone
+        for p in params:
+            if p.requires_grad:
+                entry = found.setdefault(id(p), [0, p.numel() * p.element_size()])
+                entry[0] |= mask
+    counted = sum(b for _, b in found.values())
+    out = [(m, b) for m, b in found.values()]
+    if counted < graph.trainable_param_bytes:                 # parameters no node was seen reading
+        out.append((everyone, graph.trainable_param_bytes - counted))
+    return out
 
 
 @dataclass(frozen=True)

@@ -58,52 +58,89 @@ class Family:
                             dtype=bool).reshape(len(self.masks), n)
         self.pending = np.array([pending_grads(costs, b) for b in map(costs.boundary, self.masks)])
         self.sizes = bits.sum(axis=1)
-        self._self_owned = np.array(costs.grad_owner) == np.arange(n)
+        self.self_owned = np.array(costs.grad_owner) == np.arange(n)
         self._cache: dict[int, Transitions] = {}
 
     def __len__(self) -> int:
         return len(self.masks)
 
-    def _unneeded_inputs(self, a: int, v: np.ndarray) -> np.ndarray:
-        """Per target block: bytes of unsaved boundary nodes of set ``a`` that the block reads."""
-        c = self.c
-        total = np.zeros(v.shape[0])
-        for u in np.nonzero(self.bnd[a] & (c.needed_b == 0))[0]:
-            succ = list(c.succ_lists[u])
-            if succ:
-                total += np.where(v[:, succ].any(axis=1), c.out_b[u], 0.0)
-        return total
-
     def transitions(self, a: int) -> Transitions:
         """Block costs from set ``a`` to every strict superset in the family."""
         if a in self._cache:
             return self._cache[a]
-        c = self.c
-        la = self.bits[a]
-        is_super = ~(la[None, :] & ~self.bits).any(axis=1) & (self.sizes > self.sizes[a])
-        targets = np.nonzero(is_super)[0]
-        v = self.bits[targets] & ~la[None, :]
-        b = self.bnd[targets]
-        interior = v & ~b
-        recompute = interior.any(axis=1)
-        vf = v.astype(np.float64)
-        extra = vf @ c.extra_b
-        keep = (v & b).astype(np.float64) @ c.needed_b + np.where(recompute, 0.0, extra)
-        keep = keep + np.where(recompute, self._unneeded_inputs(a, v), 0.0)
-        per_node = v * c.extra_b[None, :]
-        np.add.at(per_node, (slice(None), c.first_saver), interior * c.needed_b[None, :])
-        per_node = per_node * recompute[:, None]
-        own = v & b & self._self_owned[None, :]               # outputs of V whose gradient dies inside V
-        per_node = per_node + own * c.out_b[None, :]
-        rebuilt_at = np.cumsum(per_node, axis=1)                                # graph order = fx order
-        here = rebuilt_at + interior * c.out_b[None, :] + c.work_b[None, :] + c.scratch_b[None, :]
-        inner = np.where(v, here, -np.inf).max(axis=1) if len(targets) else np.zeros(0)
-        peak = keep + self.pending[targets] - own.astype(np.float64) @ c.out_b + inner
-        peak = np.where(recompute & (v & c.pinned[None, :]).any(axis=1), np.inf, peak)
-        recompute_time = np.where(recompute, vf @ c.flops, 0.0)
-        tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=recompute_time, recompute=recompute)
+        t = block_terms(self, a)
+        recompute_time = np.where(t.recompute, t.v.astype(np.float64) @ self.c.flops, 0.0)
+        tr = Transitions(targets=t.targets, keep_b=t.keep_b, peak_b=block_peaks(self, t, t.per_node_b, t.keep_b),
+                         time=recompute_time, recompute=t.recompute)
         self._cache[a] = tr
         return tr
+
+
+@dataclass(frozen=True)
+class BlockTerms:
+    """The terms of the block costs from one lower set to each strict superset (rows), before the peak."""
+    targets: np.ndarray      # indices of the supersets
+    v: np.ndarray            # bool (targets x n): the block
+    interior: np.ndarray     # bool: block nodes with no successor outside the superset
+    own: np.ndarray          # bool: block boundary nodes whose gradient buffer dies inside the block
+    recompute: np.ndarray    # bool per target
+    keep_b: np.ndarray       # bytes the block keeps
+    per_node_b: np.ndarray   # bytes that become alive during the block's backward, by the node at which they do
+
+
+def block_terms(family: Family, a: int, dropped: np.ndarray | None = None,
+                saved_b: np.ndarray | None = None) -> BlockTerms:
+    """Kusumoto's block terms from set ``a`` (memplan.costmodel's docstring), shared by Family and the remat
+    planner: ``dropped`` (bool per node) are kept by nobody, so a block that holds or reads one recomputes
+    and rebuilds it; ``saved_b`` gives their true saved bytes (``family.c.needed_b`` zeroes them)."""
+    c = family.c
+    dropped = np.zeros(c.n, dtype=bool) if dropped is None else dropped
+    saved_b = c.needed_b if saved_b is None else saved_b
+    la = family.bits[a]
+    is_super = ~(la[None, :] & ~family.bits).any(axis=1) & (family.sizes > family.sizes[a])
+    targets = np.nonzero(is_super)[0]
+    v = family.bits[targets] & ~la[None, :]
+    b = family.bnd[targets]
+    interior = v & ~b
+    recompute = interior.any(axis=1)
+    if dropped.any():
+        reads = np.zeros(len(targets), dtype=bool)
+        for u in np.nonzero(family.bnd[a] & dropped)[0]:
+            reads |= v[:, list(c.succ_lists[u])].any(axis=1)
+        recompute = recompute | (v & dropped[None, :]).any(axis=1) | reads
+    vf = v.astype(np.float64)
+    extra = vf @ c.extra_b
+    keep = (v & b).astype(np.float64) @ c.needed_b + np.where(recompute, 0.0, extra)
+    held = np.zeros(len(targets))                 # unsaved inputs a checkpoint holds
+    for u in np.nonzero(family.bnd[a] & (c.needed_b == 0) & ~dropped)[0]:
+        succ = list(c.succ_lists[u])
+        if succ:
+            held += np.where(v[:, succ].any(axis=1), c.out_b[u], 0.0)
+    keep = keep + np.where(recompute, held, 0.0)
+    per_node = v * c.extra_b[None, :]
+    rebuilt = interior | (v & b & dropped[None, :])
+    np.add.at(per_node, (slice(None), c.first_saver), rebuilt * saved_b[None, :])
+    per_node = per_node * recompute[:, None]
+    own = v & b & family.self_owned[None, :]             # outputs of V whose gradient dies inside V
+    per_node = per_node + own * c.out_b[None, :]
+    return BlockTerms(targets=targets, v=v, interior=interior, own=own, recompute=recompute, keep_b=keep,
+                      per_node_b=per_node)
+
+
+def block_peaks(family: Family, t: BlockTerms, per_node_b: np.ndarray, keep_b: np.ndarray,
+                start_b: np.ndarray | None = None) -> np.ndarray:
+    """Peak bytes above static and the kept bytes before, per target of ``t``: the largest working set of a
+    node's backward in the block (graph order = fx order), or ``start_b`` (plus V's own output gradients)
+    where given; infinite where a recomputed block holds a pinned node."""
+    c = family.c
+    rebuilt_at = np.cumsum(per_node_b, axis=1)
+    here = rebuilt_at + t.interior * c.out_b[None, :] + c.work_b[None, :] + c.scratch_b[None, :]
+    inner = np.where(t.v, here, -np.inf).max(axis=1) if len(t.targets) else np.zeros(0)
+    own_b = t.own.astype(np.float64) @ c.out_b
+    if start_b is not None:
+        inner = np.maximum(inner, start_b + own_b)
+    peak = keep_b + family.pending[t.targets] - own_b + inner
+    return np.where(t.recompute & (t.v & c.pinned[None, :]).any(axis=1), np.inf, peak)
 
 
 @dataclass(frozen=True)

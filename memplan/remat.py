@@ -21,16 +21,20 @@ lower sets with these block costs (V = L' minus L, R = dropped boundaries of L t
                  ancestors until B(L) minus D (alive), a graph input, or a tensor at least
                  SOURCE_SHRINK times smaller than u; it fails on dropout (RNG) and in-place ops
   peak(V)      = Kusumoto's peak, with dropped nodes of V rebuilt like interior ones, dropped
-                 inputs alive until their first saver in V, and the rebuild's working set at the start
+                 inputs alive until their first saver in V, the rebuild's own peak at the start
+                 (its ops in order under no_grad, each value freed after its last reader), less the
+                 gradients of parameters read only inside L: zero_grad(set_to_none) leaves none, and
+                 backward reaches L's blocks after V's (costmodel.param_gradients)
 
 D grows greedily under a time limit: each round drops one kept tensor, or one with the same-resolution
 ancestors its rebuild re-runs (a skip alone only moves the keeping to its producer), or takes one back,
 scored by the DP's optimum and then by the bytes the chain keeps (to cross plateaus where several
-blocks tie at the peak). The cost model is a few percent pessimistic and can misjudge which block
-binds, so the chains the greedy accepts and the best ones it did not are rated by simulate_step, the
-one simulator, and the best simulated plan wins. D = {} is Kusumoto's plan: the fallback when nothing
-beats it. Under a budget, the DP's budget is first calibrated by simulation as memplan.plan does, and
-the least recompute that simulates within the budget wins.
+blocks tie at the peak). The cost model errs by a few percent either way (it does not see every
+overlap of one block's recompute with the next block's backward) and can misjudge which block binds,
+so the chains the greedy accepts and the best ones it did not are rated by simulate_step, the one
+simulator, and the best simulated plan wins. D = {} is Kusumoto's chain under these block costs: the
+fallback when nothing beats it. Under a budget, the DP's budget is first calibrated by simulating that
+chain, as memplan.plan does, and the least recompute that simulates within the budget wins.
 
 Limits: the rebuild stops at dropout (not replayed outside checkpoint's RNG handling) and in-place
 ops; a rebuild source that is not an alive boundary is charged as held for the whole block (an upper
@@ -48,10 +52,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .costmodel import CostArrays, build_costs
+from .costmodel import CostArrays, build_costs, param_gradients
 from .errors import BudgetError, MemplanError
 from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
-from .kusumoto import Family, Transitions, feasible, least_time, min_kept
+from .kusumoto import Family, Transitions, block_peaks, block_terms, feasible, least_time, min_kept
 from .measure import OPTIMIZERS, SCRATCH_MODELS, simulate_step
 from .plan import Plan, Segment, with_simulation
 from .rewrite import rewrite
@@ -135,7 +139,7 @@ class Rebuild:
     inputs: tuple[int, ...]
     nodes: int                     # bitmask
     flops: float
-    work_b: float                  # largest no_grad working set of one rebuilt op
+    work_b: float                  # peak of the no_grad rebuild (the rebuilt inputs included)
     hold_b: float                  # sources the block must hold because nobody else keeps them
 
 
@@ -147,26 +151,40 @@ class RematFamily(Family):
     """
 
     def __init__(self, costs: CostArrays, masks: list[int], graph: MemGraph, dropped: frozenset[int],
-                 impure: frozenset[int]):
-        self.base = costs
+                 impure: frozenset[int], like: RematFamily | None = None):
+        """``like``: a family of the same graph, costs and masks whose D-independent arrays are reused."""
         self.dropped = frozenset(dropped)
         self.dmask = np.zeros(costs.n, dtype=bool)
         self.dmask[list(self.dropped)] = True
         zeroed = dataclasses.replace(costs, needed_b=np.where(self.dmask, 0.0, costs.needed_b))
-        super().__init__(zeroed, masks)
-        self.cz = zeroed
+        if like is None:
+            super().__init__(zeroed, masks)
+            self._graph_parts(graph)
+        else:
+            for name in ("masks", "bits", "bnd", "pending", "sizes", "self_owned", "preds", "root", "own_b",
+                         "savers", "absent_grads_b"):
+                setattr(self, name, getattr(like, name))
+            self._cache = {}
+        self.base, self.cz = costs, zeroed
         self.c = dataclasses.replace(zeroed, flops=costs.flops * TIME_HEADROOM)
-        idx = {n: i for i, n in enumerate(graph.order)}
-        self.preds = [tuple(idx[p] for p in graph.dag.predecessors(nm)) for nm in graph.order]
-        root = [idx.get(graph.root(nm), i) for i, nm in enumerate(graph.order)]
-        self.savers: list[list[int]] = [[] for _ in range(costs.n)]
-        for i, nm in enumerate(graph.order):
-            for s in graph.info(nm).saved_from:
-                if s in idx:
-                    self.savers[root[idx[s]]].append(i)
         self.impure = impure
         self._closures: dict[tuple[int, int], tuple[int, tuple[int, ...]] | None] = {}
         self._unions: dict[tuple[int, tuple[int, ...]], tuple | None] = {}
+
+    def _graph_parts(self, graph: MemGraph) -> None:
+        """The arrays that depend on the graph only: predecessors, storage roots, own bytes, savers,
+        and per set the parameter gradients that do not exist yet while a block above it runs backward."""
+        idx = {n: i for i, n in enumerate(graph.order)}
+        self.preds = [tuple(idx[p] for p in graph.dag.predecessors(nm)) for nm in graph.order]
+        self.root = [idx.get(graph.root(nm), i) for i, nm in enumerate(graph.order)]
+        self.own_b = np.array([float(graph.info(nm).out_bytes) for nm in graph.order])
+        self.savers: list[list[int]] = [[] for _ in graph.order]
+        for i, nm in enumerate(graph.order):
+            for s in graph.info(nm).saved_from:
+                if s in idx:
+                    self.savers[self.root[idx[s]]].append(i)
+        grads = param_gradients(graph)
+        self.absent_grads_b = np.array([float(sum(b for r, b in grads if not r & ~m)) for m in self.masks])
 
     def closure(self, a: int, u: int) -> tuple[int, tuple[int, ...]] | None:
         """(nodes re-run, sources) that rebuild dropped node ``u`` from what is alive at set ``a``; None if
@@ -192,6 +210,26 @@ class RematFamily(Family):
         self._closures[a, u] = (nodes, tuple(sorted(sources)))
         return self._closures[a, u]
 
+    def rebuild_peak(self, members: list[int], inputs: tuple[int, ...]) -> float:
+        """Peak bytes of re-running ``members`` (graph order) under no_grad, as the fx code of the recompute
+        does: each op's output is allocated while its inputs live, a value is freed after its last reader
+        among the members, the rebuilt ``inputs`` stay."""
+        inside = set(members)
+        keep = {self.root[u] for u in inputs}
+        last: dict[int, int] = {}
+        for w in members:
+            for p in self.preds[w]:
+                if p in inside and self.root[p] not in keep:
+                    last[self.root[p]] = w
+        live = peak = 0.0
+        for w in members:
+            live += self.own_b[w]
+            peak = max(peak, live)
+            for r in {self.root[p] for p in self.preds[w] if p in inside}:
+                if last.get(r) == w:
+                    live -= self.own_b[r]
+        return peak
+
     def rebuild(self, a: int, inputs: tuple[int, ...], block: np.ndarray) -> Rebuild | None:
         """The rebuild of dropped ``inputs`` (boundary nodes of set ``a``) for a block (bool vector)."""
         c = self.base
@@ -206,55 +244,40 @@ class RematFamily(Family):
                 nodes |= got[0]
                 sources |= set(got[1])
             members = [w for w in range(c.n) if nodes >> w & 1]
-            work = max(c.out_b[w] + sum(c.out_b[p] for p in self.preds[w]) for w in members)
-            self._unions[key] = (nodes, float(c.flops[members].sum()), float(work), tuple(sorted(sources)))
+            work = self.rebuild_peak(members, inputs)
+            alive = self.bnd[a]
+            always = float(sum(c.out_b[s] for s in sources if not alive[s]))     # held by this block alone
+            unless_read = [(list(c.succ_lists[s]), float(c.out_b[s])) for s in sorted(sources)
+                           if alive[s] and self.cz.needed_b[s] == 0]             # held unless the block reads it
+            self._unions[key] = (nodes, float(c.flops[members].sum()), float(work), always, unless_read)
         if self._unions[key] is None:
             return None
-        nodes, flops, work, sources = self._unions[key]
-        alive = self.bnd[a]
-        hold = sum(c.out_b[s] for s in sources if not (alive[s] and self.cz.needed_b[s] > 0)
-                   and not (alive[s] and any(block[x] for x in c.succ_lists[s])))
-        return Rebuild(inputs=inputs, nodes=nodes, flops=flops, work_b=work, hold_b=float(hold))
+        nodes, flops, work, always, unless_read = self._unions[key]
+        hold = always + sum(b for succ, b in unless_read if not block[succ].any())
+        return Rebuild(inputs=inputs, nodes=nodes, flops=flops, work_b=work, hold_b=hold)
 
     def dropped_inputs(self, a: int, v: np.ndarray) -> list[tuple[int, ...]]:
         """Per target block (rows of ``v``): the dropped boundary nodes of set ``a`` it reads."""
         c = self.base
-        din = [u for u in np.nonzero(self.bnd[a] & self.dmask)[0]]
-        reads = [v[:, list(c.succ_lists[u])].any(axis=1) for u in din]
-        return [tuple(int(u) for u, r in zip(din, reads) if r[k]) for k in range(v.shape[0])]
+        din = np.nonzero(self.bnd[a] & self.dmask)[0]
+        if not len(din):
+            return [()] * v.shape[0]
+        reads = np.stack([v[:, list(c.succ_lists[u])].any(axis=1) for u in din], axis=1)
+        return [tuple(int(u) for u in din[row]) for row in reads]
 
     def transitions(self, a: int) -> Transitions:
-        """Block costs from set ``a`` to every strict superset (Family.transitions plus dropped nodes)."""
+        """Block costs from set ``a`` to every strict superset (kusumoto.block_terms with the dropped nodes,
+        plus each block's rebuild)."""
         if a in self._cache:
             return self._cache[a]
-        c, cz = self.base, self.cz
-        la = self.bits[a]
-        is_super = ~(la[None, :] & ~self.bits).any(axis=1) & (self.sizes > self.sizes[a])
-        targets = np.nonzero(is_super)[0]
-        v = self.bits[targets] & ~la[None, :]
-        b = self.bnd[targets]
-        interior = v & ~b
+        c = self.base
+        t = block_terms(self, a, self.dmask, saved_b=c.needed_b)
+        v = t.v
         reads = self.dropped_inputs(a, v)
-        reads_d = np.array([bool(r) for r in reads], dtype=bool)
-        recompute = interior.any(axis=1) | (v & self.dmask[None, :]).any(axis=1) | reads_d
-        vf = v.astype(np.float64)
-        extra = vf @ c.extra_b
-        keep = (v & b).astype(np.float64) @ cz.needed_b + np.where(recompute, 0.0, extra)
-        held = np.zeros(len(targets))
-        for u in np.nonzero(self.bnd[a] & (c.needed_b == 0) & ~self.dmask)[0]:   # unsaved checkpoint inputs
-            succ = list(c.succ_lists[u])
-            if succ:
-                held += np.where(v[:, succ].any(axis=1), c.out_b[u], 0.0)
-        keep = keep + np.where(recompute, held, 0.0)
-        rebuilt_here = interior | (v & b & self.dmask[None, :])
-        per_node = v * c.extra_b[None, :]
-        np.add.at(per_node, (slice(None), c.first_saver), rebuilt_here * c.needed_b[None, :])
-        per_node = per_node * recompute[:, None]
-        own = v & b & self._self_owned[None, :]
-        per_node = per_node + own * c.out_b[None, :]
-        time_ = np.where(recompute, vf @ c.flops, 0.0)
-        start = np.zeros(len(targets))                      # working set when the rebuild runs
-        infeasible = np.zeros(len(targets), dtype=bool)
+        keep, per_node = t.keep_b.copy(), t.per_node_b.copy()
+        time_ = np.where(t.recompute, v.astype(np.float64) @ c.flops, 0.0)
+        start = np.full(len(t.targets), -np.inf)            # working set when the rebuild runs
+        infeasible = np.zeros(len(t.targets), dtype=bool)
         for k, inputs in enumerate(reads):
             if not inputs:
                 continue
@@ -264,20 +287,14 @@ class RematFamily(Family):
                 continue
             keep[k] += rb.hold_b
             time_[k] += rb.flops
-            start[k] = rb.work_b + sum(c.out_b[u] for u in inputs)
+            start[k] = rb.work_b
             for u in inputs:                                # alive until its first saver in V has run
                 savers = [s for s in self.savers[u] if v[k, s]]
                 if savers:
                     per_node[k, min(savers)] += c.out_b[u]
-        rebuilt_at = np.cumsum(per_node, axis=1)
-        here = rebuilt_at + interior * c.out_b[None, :] + c.work_b[None, :] + c.scratch_b[None, :]
-        inner = np.where(v, here, -np.inf).max(axis=1) if len(targets) else np.zeros(0)
-        own_b = own.astype(np.float64) @ c.out_b
-        inner = np.maximum(inner, np.where(reads_d, start + own_b, -np.inf))
-        peak = keep + self.pending[targets] - own_b + inner
-        peak = np.where(recompute & (v & c.pinned[None, :]).any(axis=1), np.inf, peak)
+        peak = block_peaks(self, t, per_node, keep, start_b=start) - self.absent_grads_b[a]
         peak = np.where(infeasible, np.inf, peak)
-        tr = Transitions(targets=targets, keep_b=keep, peak_b=peak, time=time_, recompute=recompute)
+        tr = Transitions(targets=t.targets, keep_b=keep, peak_b=peak, time=time_, recompute=t.recompute)
         self._cache[a] = tr
         return tr
 
@@ -343,11 +360,20 @@ def lower_set_masks(graph: MemGraph, bound: int) -> tuple[list[int], str, str, i
     return masks, "approx", f"more than {bound} lower sets", None
 
 
-def least_budget(family: Family, rel_tol: float = 1e-3) -> float:
+def least_budget(family: Family, rel_tol: float = 1e-3, below: float | None = None) -> float:
     """The smallest feasible budget to within ``rel_tol`` (binary search on kusumoto.feasible); coarser
-    than kusumoto.min_budget's byte-exact search, so the greedy's many solves stay cheap."""
+    than kusumoto.min_budget's byte-exact search, so the greedy's many solves stay cheap. With ``below``:
+    inf at once when no chain fits it (a greedy move that cannot improve costs one DP pass)."""
     c = family.c
     lo = float(c.static_bytes)
+    if below is not None:
+        if not feasible(family, below):
+            return float("inf")
+        hi = float(below)
+        while hi - lo > rel_tol * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if feasible(family, mid) else (mid, hi)
+        return float(math.ceil(hi))
     hi = float(c.static_bytes + 2 * c.out_b.sum() + c.extra_b.sum() + c.work_b.max(initial=0)
                + c.scratch_b.max(initial=0)) + 1.0
     for _ in range(64):
@@ -401,15 +427,17 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
     fams: dict[frozenset[int], RematFamily] = {}
     floors: dict[frozenset[int], float] = {}
     found: dict[frozenset[int], Candidate] = {}
+    template = RematFamily(costs, masks, graph, frozenset(), impure)
 
     def run(dropped: frozenset[int]):
         """The score of a D. Least memory: (DP floor, least kept bytes at it) straight from min_kept, no
         time DP (the chain is solved only for the candidates kept); under a budget: the least time."""
         if dropped in seen:
             return seen[dropped]
-        fam = fams[dropped] = RematFamily(costs, masks, graph, dropped, impure)
+        fam = fams[dropped] = RematFamily(costs, masks, graph, dropped, impure, like=template)
         if memory_centric:
-            floor = floors[dropped] = least_budget(fam)
+            bound = floors[cur] * (1 + 1e-3) if cur in floors and np.isfinite(floors[cur]) else None
+            floor = floors[dropped] = least_budget(fam, below=bound)
             kept = float(min_kept(fam, floor)[-1]) if np.isfinite(floor) else np.inf
             seen[dropped] = (_sig(floor), _sig(kept)) if np.isfinite(kept) else None
             return seen[dropped]
@@ -425,13 +453,14 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
             found[dropped] = solve(fam, floors[dropped], opts.time_steps)
         return found[dropped]
 
+    cur = frozenset()
     if run(frozenset()) is None:       # plan_remat answers this with the least-memory plan
         raise BudgetError(f"no chain fits the DP budget {format_bytes(opts.budget_bytes or 0)}",
                           budget_bytes=int(opts.budget_bytes or 0), min_feasible_bytes=0)
     cur, recent = frozenset(), frozenset()     # recent: dropped by the last move, tried back next round
     accepted, why = [candidate(cur)], f"{opts.max_rounds} rounds done"
     for _ in range(opts.max_rounds):
-        fam = RematFamily(costs, masks, graph, cur, impure)
+        fam = RematFamily(costs, masks, graph, cur, impure, like=template)
         kept = _kept_nodes(fam, candidate(cur).chain)
         adds = sorted((u for u in kept if u in droppable and u not in cur),
                       key=lambda u: -costs.out_b[u])[:opts.candidates_per_round]
@@ -496,15 +525,14 @@ def calibrated_budget(graph: MemGraph, costs: CostArrays, masks: list[int], opts
     """The DP budget whose Kusumoto chain simulates closest under ``opts.budget_bytes`` (the cost model is
     pessimistic by a few percent): moved by the simulation's error, as memplan.plan calibrates."""
     budget = int(opts.budget_bytes)
-    fam = Family(costs, masks)
+    fam = RematFamily(costs, masks, graph, frozenset(), frozenset())     # D = {}: Kusumoto's chain, remat's costs
     target, best, best_time, last = budget, None, float("inf"), None
     for _ in range(rounds):
-        result = least_time(fam, float(target), time_steps=opts.time_steps)
+        result = least_time(fam, float(target), time_steps=opts.time_steps * TIME_HEADROOM)
         if result is None or result.chain == last:
             break
         last = result.chain
-        fam_d = RematFamily(costs, masks, graph, frozenset(), frozenset())
-        plan = Plan(segments=fam_d.segments(graph, result.chain), predicted_peak_bytes=0, predicted_overhead=0.0,
+        plan = Plan(segments=fam.segments(graph, result.chain), predicted_peak_bytes=0, predicted_overhead=0.0,
                     vanilla_peak_bytes=0, budget_bytes=budget, objective="time-centric", method="remat",
                     method_reason="calibration", lower_set_count=None, fingerprint=graph.fingerprint(),
                     optimizer=opts.optimizer, static_bytes=costs.static_bytes, planning_time_s=0.0)
@@ -532,8 +560,8 @@ def plan_for_dropped(graph: MemGraph, dropped, options: RematOptions) -> Plan:
     >>> net = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(2, 1, 1))
     >>> g = memplan.trace(net, torch.empty(1, 1, 64, device="meta"))
     >>> p = plan_for_dropped(g, ["_1"], RematOptions(optimizer="sgd"))
-    >>> [(s.nodes, s.recompute, s.kept) for s in p.segments]      # _1 is recomputed, never kept
-    [(('_0', '_1', '_2'), True, ('_2',))]
+    >>> [(s.nodes, s.recompute, s.kept, s.rebuilt) for s in p.segments]   # _1 is never kept: rebuilt for _2
+    [(('_0', '_1'), True, (), ()), (('_2',), True, ('_2',), ('_1',))]
     """
     names = list(dropped)
     allowed = droppable_nodes(graph)
