@@ -109,6 +109,8 @@ def cmd_optimize(args: argparse.Namespace, io: Streams) -> int:
 # -- fit ---------------------------------------------------------------------------------------------
 def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
     """The largest input per strategy that fits ``--budget``; exit 3 when none fits at any size."""
+    import torch
+
     from ..fit import fit, peak_function
     from ..units import parse_bytes
     budget = parse_bytes(args.budget)
@@ -118,6 +120,7 @@ def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
                            f"({loaded.input_source}); use `memplan optimize` at each size instead")
     strategies = ("vanilla", "GCP", "REV", "GCP+REV") if args.rev else ("vanilla", "GCP")
     scratch = scratch_for(args)
+    threads = args.threads or torch.get_num_threads()
     with io.progress.stage(f"searching the largest input ({', '.join(strategies)})") as update, notes_to(io.err):
         def wrap(strategy, fn):
             def peak(shape):
@@ -130,13 +133,13 @@ def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
             return peak
         grid, results = fit(loaded.model, loaded.input_shapes[0], budget, strategies=strategies, axis=args.axis,
                             optimizer=args.optimizer, method=args.method, scratch=scratch,
-                            dtype=loaded.inputs[0].dtype, peak_wrapper=wrap, amp=args.amp, threads=args.threads)
+                            dtype=loaded.inputs[0].dtype, peak_wrapper=wrap, amp=args.amp, threads=threads)
     side = side_precisions(args)
     other = side[1] if args.amp is None else side[0]
     with io.progress.stage(f"peaks at the given input in {amp_text(other)}"), notes_to(io.err):
         other_peaks = {r.strategy: peak_function(loaded.model, r.strategy, optimizer=args.optimizer,
                                                  method=args.method, scratch=scratch, dtype=loaded.inputs[0].dtype,
-                                                 amp=other, threads=args.threads)(grid.base)
+                                                 amp=other, threads=threads)(grid.base)
                        for r in results}
     by_precision = {amp_text(a): {r.strategy: (r.base_peak_bytes if a == args.amp else other_peaks[r.strategy])
                                   for r in results} for a in side}
@@ -148,7 +151,7 @@ def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
                    + ("" if args.rev else " or try --rev"))
     if args.json:
         record = fit_record(loaded, grid, results, budget, optimizer=args.optimizer, scratch=scratch, amp=args.amp,
-                            threads=args.threads, peaks_by_precision=by_precision)
+                            threads=threads, peaks_by_precision=by_precision)
         if failure:                                  # the answer and the error in the one object
             record["error"] = {"type": "BudgetError", "message": failure, "exit_code": int(ExitCode.BUDGET)}
         print(to_json(record), file=io.json)
