@@ -122,7 +122,10 @@ def test_fit_amp_json_holds_both_precisions_at_the_given_input(capsys):
     by_strategy = {r["strategy"]: r for r in rec["results"]}
     assert by_strategy["vanilla"]["base_peak_bytes"] == given["bf16"]["vanilla"]   # the search ran in bf16
     assert main(["fit", CONVNET, "--budget", "2MiB", "--axis", "2", "--threads", "1"]) == EXIT_OK
-    assert "peak at given fp32 / bf16" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    fp32 = memplan.format_bytes(given["fp32"]["vanilla"])
+    bf16 = memplan.format_bytes(given["bf16"]["vanilla"])
+    assert f"at given, fp32 / bf16: vanilla {fp32} / {bf16}, GCP " in text, text
 
 
 #: C -> C Conv-BN-ReLU layers, each of which a reversible block can replace and free: REV pays here

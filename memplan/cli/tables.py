@@ -117,31 +117,42 @@ def print_optimize(out: Console, loaded, plan, *, scratch: str, all_segments: bo
         out.print(f"wrote {path}{reuse}", soft_wrap=True, markup=False)
 
 
+def side_by_side_text(peaks_by_precision: dict[str, dict[str, int]] | None) -> str:
+    """The fit caption's first line: each strategy's peak at the given input in fp32 and mixed precision.
+
+    >>> side_by_side_text({"fp32": {"vanilla": 2**21, "GCP": 2**20}, "bf16": {"vanilla": 2**20, "GCP": 2**19}})
+    'at given, fp32 / bf16: vanilla 2.00 MiB / 1.00 MiB, GCP 1.00 MiB / 512 KiB\n'
+    """
+    if not peaks_by_precision:
+        return ""
+    names = list(peaks_by_precision)
+    strategies = list(peaks_by_precision[names[0]])
+    cells = [f"{s} {' / '.join(fmt(peaks_by_precision[n][s]) for n in names)}" for s in strategies]
+    return f"at given, {' / '.join(names)}: {', '.join(cells)}\n"
+
+
 def fit_table(loaded, grid, results, budget_bytes: int, *, peaks_by_precision: dict[str, dict[str, int]] | None = None,
               amp: str | None = None) -> Table:
-    """One row per strategy: its peak at the given input (and, with ``peaks_by_precision``, that peak in
-    fp32 and in mixed precision side by side), the largest input that fits (planned under ``amp``), the
-    next size up."""
+    """One row per strategy: its peak at the given input, the largest input that fits (planned under
+    ``amp``), the next size up; ``peaks_by_precision`` adds a caption line with each strategy's peak at
+    the given input in fp32 and in mixed precision side by side."""
     base_v = next((r.base_peak_bytes for r in results if r.strategy == "vanilla"), None)
     vox0 = math.prod(grid.base[a] for a in grid.axes)
     axes = f"axes {', '.join(map(str, grid.axes))} grown in multiples of {', '.join(map(str, grid.multiples))}"
     table = Table(title=f"largest input within {budget_text(budget_bytes)}: {loaded.model_source}",
                   title_justify="left", caption_justify="left",
-                  caption=f"given input {shape_text(grid.base)}; {axes}; peaks: simulated {amp_text(amp)} training "
-                  "steps, the smallest each strategy reaches (at given: fp32 / mixed precision, % of vanilla in "
-                  f"{amp_text(amp)}); x given: max input size / given; next size up: the next grid shape, over the "
-                  "budget")
-    side = list(peaks_by_precision or {})
-    cols = [("strategy", "left"), (f"peak at given {' / '.join(side)}" if side else "peak at given", "right"),
-            ("max input", "left"), ("peak", "right"), ("x given", "right"), ("next size up", "left")]
+                  caption=f"{side_by_side_text(peaks_by_precision)}given input {shape_text(grid.base)}; {axes}; "
+                  f"peaks: simulated {amp_text(amp)} training steps, the smallest each strategy reaches; x given: "
+                  "max input size / given; next size up: the next grid shape, over the budget")
+    cols = [("strategy", "left"), ("peak at given", "right"), ("max input", "left"), ("peak", "right"),
+            ("x given", "right"), ("next size up", "left")]
     for col, just in cols:
         table.add_column(col, justify=just)
     for r in results:
         pct = f" ({r.base_peak_bytes / base_v:.0%})" if base_v else ""
         size = "-" if r.shape is None else f"{math.prod(r.shape[a] for a in grid.axes) / vox0:.2f}x"
         nxt = "size cap reached" if r.capped else f"{shape_text(r.next_shape)}: {fmt(r.next_peak_bytes)}"
-        given = " / ".join(fmt(peaks_by_precision[n][r.strategy]) for n in side) if side else fmt(r.base_peak_bytes)
-        table.add_row(r.strategy, f"{given}{pct}", shape_text(r.shape) if r.shape else "none fits",
+        table.add_row(r.strategy, f"{fmt(r.base_peak_bytes)}{pct}", shape_text(r.shape) if r.shape else "none fits",
                       fmt(r.peak_bytes), size, nxt)
     return table
 
