@@ -278,6 +278,15 @@ def test_measure_simulated_only(capsys):
     assert rec["planned"]["simulated_peak_bytes"] < rec["vanilla"]["simulated_peak_bytes"]
 
 
+def test_measure_amp_simulates_both_steps_in_bf16(capsys):
+    assert main(["measure", CONVNET, "--amp", "bf16", "--threads", "1", "--json"]) == EXIT_OK
+    rec = json.loads(capsys.readouterr().out)
+    loaded = load_model(CONVNET)
+    assert rec["amp"] == "bf16" and rec["threads"] == 1
+    want = memplan.simulate_step(loaded.model, loaded.inputs, amp="bf16", threads=1).peak_bytes
+    assert rec["vanilla"]["simulated_peak_bytes"] == want
+
+
 def test_device_cuda_without_a_gpu_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["measure", CONVNET, "--real", "--device", "cuda"]) == EXIT_USAGE

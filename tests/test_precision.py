@@ -46,6 +46,19 @@ def test_bf16_plan_is_below_the_fp32_plan(net, bf16_module):
     assert bf16_module.memplan_plan.simulated_peak_bytes < p32.simulated_peak_bytes
 
 
+def test_a_budget_is_met_in_the_precision_planned_for(net, bf16_module):
+    """A budget between the bf16 floor and bf16 vanilla: met by a bf16 plan (checked by a bf16
+    simulation done here), refused for fp32 whose floor is above it."""
+    p16 = bf16_module.memplan_plan
+    budget = (p16.simulated_vanilla_peak_bytes + p16.simulated_peak_bytes) // 2
+    compiled = memplan.compile(net, META, amp="bf16", threads=1, budget=budget)
+    assert compiled.memplan_plan.simulated_peak_bytes <= budget
+    assert simulate_step(compiled, META, amp="bf16", threads=1).peak_bytes == compiled.memplan_plan.simulated_peak_bytes
+    with pytest.raises(memplan.BudgetError) as info:
+        memplan.plan(net, META, threads=1, budget=budget)
+    assert info.value.min_feasible_bytes > budget
+
+
 def test_fp16_and_keep_output_reach_the_simulation(net):
     p = memplan.plan(net, META, amp="fp16", keep_output=False, threads=1, scratch="none")
     assert (p.amp, p.keep_output) == ("fp16", False)
