@@ -118,7 +118,7 @@ def print_optimize(out: Console, loaded, plan, *, scratch: str, all_segments: bo
 
 
 def side_by_side_text(peaks_by_precision: dict[str, dict[str, int]] | None) -> str:
-    """The fit caption's first line: each strategy's peak at the given input in fp32 and mixed precision.
+    r"""The fit caption's first line: each strategy's peak at the given input in fp32 and mixed precision.
 
     >>> side_by_side_text({"fp32": {"vanilla": 2**21, "GCP": 2**20}, "bf16": {"vanilla": 2**20, "GCP": 2**19}})
     'at given, fp32 / bf16: vanilla 2.00 MiB / 1.00 MiB, GCP 1.00 MiB / 512 KiB\n'
