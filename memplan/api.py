@@ -16,7 +16,7 @@ from torch import nn
 from ._meta import as_tuple
 from .errors import BudgetError, MemplanError
 from .graph import DEFAULT_LOWER_SET_BOUND, MemGraph
-from .options import PlanOptions, plan_options
+from .options import PlanOptions, check_amp_mode, plan_options
 from .plan import Plan, check_plan
 from .planners import plan_graph
 from .rev.search import estimate_rev_reach, rebuild_rev_graph
@@ -30,19 +30,22 @@ from .units import format_bytes, parse_bytes
 def plan_for_graph(graph: MemGraph, *, budget: Any = None, optimizer: str = "adam", method: str = "auto",
                    scratch: str = "cpu", loss_fn=None, example_inputs: tuple = (), simulate: bool = True,
                    lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, times: dict | None = None,
-                   pinned: frozenset[str] = frozenset()) -> Plan:
+                   pinned: frozenset[str] = frozenset(), amp: str | None = None, keep_output: bool = True,
+                   threads: int | None = None) -> Plan:
     """Plan an already traced graph with keyword options (the older spelling of
     ``plan_graph(graph, PlanOptions(...))``)."""
     options = PlanOptions(method=method, budget_bytes=None if budget is None else parse_bytes(budget),
                           optimizer=optimizer, scratch=scratch, lower_set_bound=lower_set_bound, times=times,
-                          pinned=pinned, simulate=simulate, example_inputs=as_tuple(example_inputs), loss_fn=loss_fn)
+                          pinned=pinned, simulate=simulate, amp=amp, keep_output=keep_output, threads=threads,
+                          example_inputs=as_tuple(example_inputs), loss_fn=loss_fn)
     return plan_graph(graph, options)
 
 
 def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
          method: str = "auto", rev: bool = False, loss_fn=None, scratch: str | None = None,
          lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, simulate: bool = True,
-         times: dict[str, float] | str | None = None, example_kwargs: dict | None = None) -> Plan:
+         times: dict[str, float] | str | None = None, example_kwargs: dict | None = None, amp: str | None = None,
+         keep_output: bool = True, threads: int | None = None) -> Plan:
     """Decide what to keep and what to recompute for training ``model`` on ``example_inputs``.
 
     With ``budget`` (bytes or "12GB"): the least recompute whose whole training step fits.
@@ -50,6 +53,9 @@ def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer
     unless ``times`` is a dict (node name -> seconds) or "measured" (timed on the CPU here).
     ``method`` names a registered planner (memplan.planners); ``rev=True`` adds REV to the DP.
     ``example_kwargs``: keyword arguments of the call; tensors among them become graph inputs.
+    The step planned for: ``amp`` None (fp32), "bf16" or "fp16" autocast (fp16 with a GradScaler),
+    ``keep_output`` the loop holding the output through backward, ``threads`` the CPU's OpenMP threads
+    (default torch.get_num_threads()); the plan records all three.
     """
     inputs = as_tuple(example_inputs)
     check_inputs(model, inputs)
@@ -57,7 +63,8 @@ def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer
     if isinstance(times, str) and times != "measured":
         raise MemplanError(f"times must be a dict of node seconds or 'measured', got {times!r}")
     options = plan_options(model, inputs, budget=budget, optimizer=optimizer, method=method, rev=rev,
-                           loss_fn=loss_fn, scratch=scratch, lower_set_bound=lower_set_bound, simulate=simulate)
+                           loss_fn=loss_fn, scratch=scratch, lower_set_bound=lower_set_bound, simulate=simulate,
+                           amp=amp, keep_output=keep_output, threads=threads)
     graph = trace(model, inputs)
     if times == "measured":
         from .analyze import measure_node_times
@@ -91,16 +98,20 @@ def _with_rev_hint(err: BudgetError, graph: MemGraph, options: PlanOptions) -> B
 
 def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
             method: str = "auto", rev: bool = False, plan: Plan | str | Path | None = None,
-            loss_fn=None, scratch: str | None = None, example_kwargs: dict | None = None) -> nn.Module:
+            loss_fn=None, scratch: str | None = None, example_kwargs: dict | None = None, amp: str | None = None,
+            keep_output: bool = True, threads: int | None = None) -> nn.Module:
     """A module that trains like ``model`` in less memory; it carries its plan as ``.memplan_plan``.
 
     Gradient checkpointing never changes what the network computes; the result shares ``model``'s
     parameters and buffers, so ``model.state_dict()`` stays the checkpoint format. ``example_kwargs``:
     keyword arguments of the call; tensors among them are graph inputs, other values are fixed (checked).
+    ``amp``, ``keep_output``, ``threads`` as in :func:`plan`; a saved ``plan`` must have been made for
+    ``amp`` (PlanMismatchError naming both precisions). The result runs under torch.autocast like ``model``.
     """
     call_inputs = as_tuple(example_inputs)
     check_inputs(model, call_inputs)
     model = unwrap(model)
+    check_amp_mode(amp)
     traced, inputs = keyword_call(model, call_inputs, example_kwargs)
     rev_kwargs = MemplanError("example_kwargs with REV substitution is not supported (the substituted network is "
                               "called positionally); compile without rev or without keyword arguments")
@@ -116,10 +127,10 @@ def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimi
             graph = rebuild_rev_graph(graph, inputs, the_plan)
             warnings.warn(f"memplan plan replaces {len(the_plan.rev)} pass(es) with reversible blocks: the "
                           "network changes and the new blocks start from fresh weights", stacklevel=2)
-        check_plan(the_plan, graph)
+        check_plan(the_plan, graph, amp=amp)
     else:
         options = plan_options(traced, inputs, budget=budget, optimizer=optimizer, method=method, rev=rev,
-                               loss_fn=loss_fn, scratch=scratch)
+                               loss_fn=loss_fn, scratch=scratch, amp=amp, keep_output=keep_output, threads=threads)
         graph = trace(traced, inputs)
         the_plan = _planned(graph, options)
         if the_plan.rev:

@@ -40,12 +40,12 @@ def bytes_pair(a: int, b: int) -> tuple[str, str]:
 
 
 def simulated_peak(module: nn.Module, options: PlanOptions) -> int:
-    """Peak bytes of one training step of ``module`` on ``options.example_inputs`` (meta tensors)."""
+    """Peak bytes of one training step of ``module`` on ``options.example_inputs`` (meta tensors), with
+    the options' optimizer, scratch model, precision, output lifetime and thread count."""
     if not options.example_inputs:
         raise MemplanError("simulating a plan needs example inputs: build PlanOptions(example_inputs=(x,)) "
                            "or pass simulate=False")
-    return simulate_step(module, options.example_inputs, loss_fn=options.loss_fn, optimizer=options.optimizer.value,
-                         scratch=options.scratch.value).peak_bytes
+    return simulate_step(module, options.example_inputs, **options.step_kwargs()).peak_bytes
 
 
 def rated(graph: MemGraph, plan: Plan, options: PlanOptions, vanilla: int | None) -> Plan:

@@ -180,23 +180,28 @@ def _bracket(fits: Callable[[int], bool], n: int, min_n: int, max_n: int) -> tup
 
 
 def peak_function(model: nn.Module, strategy: str, *, optimizer: str = "adam", method: str = "auto",
-                  scratch: str = "cpu", dtype: torch.dtype = torch.float32) -> PeakFn:
-    """shape -> the smallest simulated step peak ``strategy`` reaches at that input (meta tensors)."""
+                  scratch: str = "cpu", dtype: torch.dtype = torch.float32, amp: str | None = None,
+                  threads: int | None = None) -> PeakFn:
+    """shape -> the smallest simulated step peak ``strategy`` reaches at that input (meta tensors), the
+    step under ``amp`` autocast at ``threads`` OpenMP threads (as memplan.plan takes them)."""
     import memplan
 
     def inputs(shape):
         return torch.empty(shape, dtype=dtype, device="meta")
 
     if strategy == "vanilla":
-        return lambda s: memplan.simulate_step(model, inputs(s), optimizer=optimizer, scratch=scratch).peak_bytes
+        return lambda s: memplan.simulate_step(model, inputs(s), optimizer=optimizer, scratch=scratch,
+                                                       amp=amp, threads=threads).peak_bytes
     if strategy == "GCP":
-        return lambda s: _simulated(memplan.plan(model, inputs(s), optimizer=optimizer, method=method, scratch=scratch))
+        return lambda s: _simulated(memplan.plan(model, inputs(s), optimizer=optimizer, method=method, scratch=scratch,
+                                                 amp=amp, threads=threads))
     if strategy == "GCP+REV":
         return lambda s: _simulated(memplan.plan(model, inputs(s), optimizer=optimizer, method=method, scratch=scratch,
-                                                 rev=True))
+                                                 rev=True, amp=amp, threads=threads))
     if strategy == "REV":
         from .rev_plan import rev_only_plan
-        return lambda s: _simulated(rev_only_plan(model, inputs(s), optimizer=optimizer, scratch=scratch)[0])
+        return lambda s: _simulated(rev_only_plan(model, inputs(s), optimizer=optimizer, scratch=scratch, amp=amp,
+                                                  threads=threads)[0])
     raise MemplanError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
 
 
@@ -207,8 +212,10 @@ def _simulated(plan) -> int:
 def fit(model: nn.Module, base: tuple[int, ...], budget_bytes: int, *, strategies=("vanilla", "GCP"),
         axis: int | None = None, optimizer: str = "adam", method: str = "auto", scratch: str = "cpu",
         dtype: torch.dtype = torch.float32, on_result: Callable[[FitResult], None] | None = None,
-        peak_wrapper: Callable[[str, PeakFn], PeakFn] | None = None) -> tuple[Grid, list[FitResult]]:
+        peak_wrapper: Callable[[str, PeakFn], PeakFn] | None = None, amp: str | None = None,
+        threads: int | None = None) -> tuple[Grid, list[FitResult]]:
     """The largest input per strategy; later strategies start where the ones they include stopped.
+    ``amp``/``threads``: the simulated step's autocast and OpenMP threads.
 
     ``peak_wrapper(strategy, fn)`` may wrap each peak function (progress reports); ``on_result`` sees each answer.
     """
@@ -220,7 +227,8 @@ def fit(model: nn.Module, base: tuple[int, ...], budget_bytes: int, *, strategie
     # GCP and REV each reach at least what vanilla does; GCP+REV at least what either does.
     below = {"GCP": ("vanilla",), "REV": ("vanilla",), "GCP+REV": ("GCP", "REV", "vanilla")}
     for strategy in strategies:
-        fn = peak_function(model, strategy, optimizer=optimizer, method=method, scratch=scratch, dtype=dtype)
+        fn = peak_function(model, strategy, optimizer=optimizer, method=method, scratch=scratch, dtype=dtype,
+                           amp=amp, threads=threads)
         if peak_wrapper is not None:
             fn = peak_wrapper(strategy, fn)
         starts = [_index(grid, results[s].shape) for s in below.get(strategy, ()) if s in results]

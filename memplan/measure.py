@@ -473,11 +473,9 @@ def measure_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | N
     import copy
     check_model_and_inputs(model, example_inputs, real=True)
     check_amp(amp)
-    device = torch.device(device)
+    device = measure_device(device)
     if any(t.is_meta for t in tensors_in(as_tuple(example_inputs))):
         raise MemplanError("measure_step needs real example inputs, got meta tensors; use simulate_step to predict")
-    if device.type not in TARGETS:
-        raise MemplanError(f"measure_step supports cpu and cuda devices, got {device}")
     inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in as_tuple(example_inputs))
     work = copy.deepcopy(model).to(device)
     base = _storage_bytes(list(work.parameters()) + list(work.buffers()) + list(inputs))
@@ -503,6 +501,22 @@ def measure_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | N
         peak = max(peak, current)
     return MemoryReport(peak_bytes=base + peak, breakdown={"before step": base, "step": peak},
                         timeline=timeline, method="measured (cpu profiler)", peak_op="")
+
+
+def measure_device(device: Any) -> torch.device:
+    """``device`` as a torch.device measure_step can read a peak on (cpu, or cuda when one is visible);
+    else MemplanError naming the device and the fix."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in TARGETS:
+        raise MemplanError(f"measure_step cannot measure on device {device!r}: it reads peaks on cpu (profiler) "
+                           "or cuda (max_memory_allocated) only; pass device='cpu' or device='cuda'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MemplanError(f"measure_step device {device!r}: no CUDA device is visible here "
+                           f"(torch {torch.__version__}); pass device='cpu'")
+    return dev
 
 
 def _storage_bytes(tensors: Sequence[Any]) -> int:

@@ -46,6 +46,38 @@ class ScratchModel(str, Enum):
         return self.value
 
 
+class Amp(str, Enum):
+    """Autocast precision of the training step (None in PlanOptions: full precision); fp16 adds a GradScaler."""
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def check_amp_mode(amp: Any) -> Amp | None:
+    """``amp`` as an :class:`Amp` (None stays None: full precision); MemplanError naming the choices.
+
+    >>> check_amp_mode("bf16"), check_amp_mode(None)
+    (<Amp.BF16: 'bf16'>, None)
+    >>> check_amp_mode("fp8")
+    Traceback (most recent call last):
+    ...
+    memplan.errors.MemplanError: unknown amp mode 'fp8'; choose None (full precision), 'bf16' or 'fp16'
+    """
+    if amp is None:
+        return None
+    try:
+        return Amp(amp)
+    except ValueError:
+        raise MemplanError(f"unknown amp mode {amp!r}; choose None (full precision), 'bf16' or 'fp16'") from None
+
+
+def amp_text(amp: Any) -> str:
+    """The precision's name for messages: 'fp32' (full precision) for None, else 'bf16' / 'fp16'."""
+    return "fp32" if amp is None else str(Amp(amp))
+
+
 class DP(str, Enum):
     """Kusumoto's lower-set family: exact below the lower-set bound ("auto"), always exact, or approximate."""
     AUTO = "auto"
@@ -80,7 +112,10 @@ class PlanOptions:
     ``example_inputs``. ``pinned`` nodes are never recomputed. ``rev_*`` steer the REV planners (REV
     changes the network, so it is taken only for a gain of ``rev_min_gain``: a fraction of the peak, or of
     forward FLOPs recomputed under a budget),
-    ``checkpoint_modules`` the hand baseline, ``rev_hint`` whether a BudgetError estimates REV's reach."""
+    ``checkpoint_modules`` the hand baseline, ``rev_hint`` whether a BudgetError estimates REV's reach.
+    ``amp``, ``keep_output`` and ``threads`` describe the step every simulation runs (simulate_step's
+    arguments of those names); ``threads`` None is filled with torch.get_num_threads() when built, so a
+    plan records the OpenMP thread count its CPU scratch figures assume."""
     method: str = "auto"
     budget_bytes: int | None = None
     optimizer: Optimizer = Optimizer.ADAM
@@ -96,6 +131,9 @@ class PlanOptions:
     rev_min_gain: float = 0.01
     rev_hint: bool = True
     checkpoint_modules: tuple[str, ...] = ()
+    amp: Amp | None = None
+    keep_output: bool = True
+    threads: int | None = None
     example_inputs: tuple = field(default=(), hash=False, compare=False, repr=False)
     loss_fn: Callable | None = field(default=None, hash=False, compare=False, repr=False)
 
@@ -119,7 +157,13 @@ class PlanOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MemplanError(f"{name} must be a positive int, got {value!r}")
-        for name in ("simulate", "rev_search", "rev_hint"):
+        object.__setattr__(self, "amp", check_amp_mode(self.amp))
+        if self.threads is None:
+            object.__setattr__(self, "threads", torch.get_num_threads())
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise MemplanError(f"threads must be a positive int (OpenMP threads of the CPU step), got {self.threads!r}; "
+                               "e.g. threads=torch.get_num_threads()")
+        for name in ("simulate", "rev_search", "rev_hint", "keep_output"):
             if not isinstance(getattr(self, name), bool):
                 raise MemplanError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.rev_min_gain, bool) or not isinstance(self.rev_min_gain, (int, float)) \
@@ -135,6 +179,12 @@ class PlanOptions:
     def objective(self) -> Objective:
         return Objective.MEMORY if self.budget_bytes is None else Objective.TIME
 
+    def step_kwargs(self) -> dict[str, Any]:
+        """simulate_step's keyword arguments for the step these options plan (every planner's ruler)."""
+        return dict(loss_fn=self.loss_fn, optimizer=self.optimizer.value, scratch=self.scratch.value,
+                    amp=None if self.amp is None else self.amp.value, keep_output=self.keep_output,
+                    threads=self.threads)
+
 
 def default_scratch(model: nn.Module, inputs: tuple, scratch: str | None) -> ScratchModel:
     """``scratch`` when given; else "cpu" when the step would run on the CPU (kernel scratch matters
@@ -149,7 +199,8 @@ def default_scratch(model: nn.Module, inputs: tuple, scratch: str | None) -> Scr
 def plan_options(model: nn.Module, example_inputs: tuple, *, budget: Any = None, optimizer: str = "adam",
                  method: str = "auto", rev: bool = False, loss_fn: Callable | None = None,
                  scratch: str | None = None, lower_set_bound: int = DEFAULT_LOWER_SET_BOUND,
-                 simulate: bool = True, times: Mapping[str, float] | None = None, **more: Any) -> PlanOptions:
+                 simulate: bool = True, times: Mapping[str, float] | None = None, amp: str | None = None,
+                 keep_output: bool = True, threads: int | None = None, **more: Any) -> PlanOptions:
     """The options ``memplan.plan``'s keyword arguments stand for. ``rev=True`` with a DP method
     ("auto"/"exact"/"approx") is the "rev" planner re-planning with that DP; ``more`` sets other fields."""
     if not isinstance(rev, bool):
@@ -163,4 +214,5 @@ def plan_options(model: nn.Module, example_inputs: tuple, *, budget: Any = None,
     return PlanOptions(method=method, budget_bytes=None if budget is None else parse_bytes(budget),
                        optimizer=optimizer, scratch=default_scratch(model, example_inputs, scratch),
                        lower_set_bound=lower_set_bound, simulate=simulate, times=times,
+                       amp=amp, keep_output=keep_output, threads=threads,
                        example_inputs=example_inputs, loss_fn=loss_fn, **more)

@@ -9,12 +9,13 @@ import json
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .costmodel import CostArrays, block_cost
 from .errors import MemplanError, PlanMismatchError
 from .graph import MemGraph
-from .options import PlanOptions  # noqa: F401 - re-exported: memplan.plan.PlanOptions is the old home
-from .planfile import validate_against_graph, validate_plan_dict
+from .options import Amp, PlanOptions, amp_text, check_amp_mode
+from .planfile import check_step_fields, validate_against_graph, validate_plan_dict
 from .segtable import segment_rows
 from .units import format_bytes
 
@@ -68,6 +69,9 @@ class Plan:
     simulated_vanilla_peak_bytes: int | None = None
     rev: tuple[RevReplacementRecord, ...] = ()
     notes: tuple[str, ...] = ()
+    amp: str | None = None               # autocast of the planned step: None (fp32), "bf16" or "fp16"
+    keep_output: bool = True             # the step holds the model output through backward
+    threads: int | None = None           # OpenMP threads the CPU scratch figures assume (None: unknown, old file)
     format: int = PLAN_FORMAT
 
     # -- JSON -------------------------------------------------------------------------------------
@@ -94,6 +98,7 @@ class Plan:
         except json.JSONDecodeError as exc:
             raise MemplanError(f"plan is not valid JSON ({exc}); regenerate it with `memplan optimize --out`") from exc
         validate_plan_dict(d, Plan)     # every field and its type, before anything reads it
+        check_step_fields(d)            # amp, threads and the fingerprint's precision agree
         d["segments"] = tuple(Segment(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
                               for s in d["segments"])
         notes = tuple(d.get("notes", ()))
@@ -113,7 +118,8 @@ class Plan:
         lines = [
             f"memplan plan ({self.objective}, {self.method} DP: {self.method_reason})",
             f"  lower sets: {self.lower_set_count if self.lower_set_count is not None else 'not enumerated'}"
-            f"; graph {self.fingerprint}; optimizer {self.optimizer}; planned in {self.planning_time_s:.2f} s",
+            f"; graph {self.fingerprint}; optimizer {self.optimizer}; {amp_text(self.amp)}; planned in "
+            f"{self.planning_time_s:.2f} s",
             f"  budget:          {format_bytes(self.budget_bytes) if self.budget_bytes else 'none (least memory)'}",
             f"  vanilla peak:    {format_bytes(self.vanilla_peak_bytes)} (cost model)",
             f"  planned peak:    {format_bytes(self.predicted_peak_bytes)} (cost model)",
@@ -163,9 +169,44 @@ def chain_to_segments(graph: MemGraph, costs: CostArrays, chain: tuple[int, ...]
     return tuple(segments)
 
 
-def check_plan(plan: Plan, graph: MemGraph) -> None:
-    """Raise PlanMismatchError unless ``plan`` was made for ``graph`` and is a chain of it (planfile.py)."""
-    fp = graph.fingerprint()
+def precision_fingerprint(graph_fingerprint: str, amp: Any) -> str:
+    """A plan's fingerprint: the graph's hash, then ``+bf16``/``+fp16`` for an autocast step (a plan made
+    for one precision keeps other tensors than one for another). Full precision adds nothing, so plans
+    written before ``amp`` existed keep their fingerprint. The thread count is not part of it: it moves
+    only the CPU scratch figures, never which plan is valid or what it computes (it is recorded in
+    ``Plan.threads``).
+
+    >>> precision_fingerprint("0123abcd", None), precision_fingerprint("0123abcd", "bf16")
+    ('0123abcd', '0123abcd+bf16')
+    """
+    mode = check_amp_mode(amp)
+    return graph_fingerprint if mode is None else f"{graph_fingerprint}+{mode.value}"
+
+
+def graph_part(fingerprint: str) -> str:
+    """The graph hash of a plan's fingerprint (without its precision suffix)."""
+    return fingerprint.split("+", 1)[0]
+
+
+def stamped(plan: Plan, options: PlanOptions) -> Plan:
+    """``plan`` recording the step it was planned for: precision (in its fingerprint too), output
+    lifetime and thread count. Idempotent."""
+    amp = None if options.amp is None else options.amp.value
+    return replace(plan, amp=amp, keep_output=options.keep_output, threads=options.threads,
+                   fingerprint=precision_fingerprint(graph_part(plan.fingerprint), amp))
+
+
+def check_plan(plan: Plan, graph: MemGraph, amp: Any = ...) -> None:
+    """Raise PlanMismatchError unless ``plan`` was made for ``graph`` trained at precision ``amp`` (by
+    default the plan's own: the precision is not checked) and is a chain of it (planfile.py)."""
+    want = plan.amp if amp is ... else check_amp_mode(amp)
+    want = None if want is None else Amp(want).value
+    if plan.amp != want:
+        raise PlanMismatchError(
+            f"plan was made for a {amp_text(plan.amp)} step but this step runs {amp_text(want)} "
+            f"(amp={want!r}); re-plan with memplan.plan(model, example_inputs, amp={want!r}) or pass "
+            f"amp={plan.amp!r}")
+    fp = precision_fingerprint(graph.fingerprint(), want)
     if plan.fingerprint != fp:
         raise PlanMismatchError(
             f"plan was made for graph {plan.fingerprint} but this model traces to {fp} (a different network, "

@@ -108,6 +108,26 @@ def validate_plan_dict(d: Any, schema: type, *, where: str = "") -> None:
         _check_value(value, hints[key], f"{where}.{key}" if where else key)
 
 
+#: The precisions a plan file may name in ``amp`` (null: full precision).
+PLAN_AMP_MODES = (None, "bf16", "fp16")
+
+
+def check_step_fields(d: dict) -> None:
+    """Raise PlanFileError unless a schema-checked plan dict's step fields are sane: ``amp`` null, "bf16"
+    or "fp16" and matching the fingerprint's precision suffix, ``threads`` null or positive."""
+    amp = d.get("amp")
+    if amp not in PLAN_AMP_MODES:
+        raise PlanFileError(f"plan field amp must be null (fp32), \"bf16\" or \"fp16\", got {_got(amp)}; {REGENERATE}")
+    fp = d["fingerprint"]
+    suffix = fp.split("+", 1)[1] if "+" in fp else None
+    if suffix != amp:
+        raise PlanFileError(f"plan fingerprint {fp!r} says precision {suffix or 'fp32'} but field amp is {amp!r}; "
+                            f"{REGENERATE}")
+    threads = d.get("threads")
+    if threads is not None and threads < 1:
+        raise PlanFileError(f"plan field threads must be a positive int or null, got {threads}; {REGENERATE}")
+
+
 def _indices_problem(indices: list[int]) -> str:
     """What is wrong with a plan's segment indices ('' when they are 0, 1, ..., k-1 in order)."""
     if indices == list(range(len(indices))):

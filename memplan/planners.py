@@ -9,7 +9,7 @@ from .baselines import plan_chen, plan_hand
 from .graph import MemGraph
 from .kusumoto import plan_kusumoto
 from .options import PlanOptions
-from .plan import Plan
+from .plan import Plan, stamped
 from .registry import PLANNERS, lookup
 from .rev.search import plan_rev, plan_rev_only
 
@@ -19,6 +19,8 @@ def plan_remat_registered(graph: MemGraph, options: PlanOptions) -> Plan:
     return plan_remat(graph, RematOptions(
         budget_bytes=options.budget_bytes, optimizer=options.optimizer.value, scratch=options.scratch.value,
         lower_set_bound=options.lower_set_bound, loss_fn=options.loss_fn,
+        amp=None if options.amp is None else options.amp.value, keep_output=options.keep_output,
+        threads=options.threads,
         example_inputs=tuple(options.example_inputs) if options.simulate else ()))
 
 
@@ -35,5 +37,6 @@ PLANNERS.update({
 
 
 def plan_graph(graph: MemGraph, options: PlanOptions) -> Plan:
-    """Plan a traced graph with the planner ``options.method`` names."""
-    return lookup(options.method)(graph, options)
+    """Plan a traced graph with the planner ``options.method`` names; the plan records the step's
+    precision, output lifetime and thread count (:func:`memplan.plan.stamped`)."""
+    return stamped(lookup(options.method)(graph, options), options)

@@ -90,6 +90,9 @@ class RematOptions:
     extra_rated: int = 6             # best-scoring candidates the greedy did not accept, also simulated
     example_inputs: tuple = field(default=(), compare=False, hash=False)
     loss_fn: Callable | None = field(default=None, compare=False, hash=False)
+    amp: str | None = None           # the simulated step's autocast, output lifetime and threads (simulate_step)
+    keep_output: bool = True
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -537,7 +540,8 @@ def calibrated_budget(graph: MemGraph, costs: CostArrays, masks: list[int], opts
                     method_reason="calibration", lower_set_count=None, fingerprint=graph.fingerprint(),
                     optimizer=opts.optimizer, static_bytes=costs.static_bytes, planning_time_s=0.0)
         sim = simulate_step(rewrite(graph, plan), opts.example_inputs, loss_fn=opts.loss_fn, optimizer=opts.optimizer,
-                            scratch=opts.scratch).peak_bytes
+                            scratch=opts.scratch, amp=opts.amp, keep_output=opts.keep_output,
+                            threads=opts.threads).peak_bytes
         if sim <= budget:
             if best is not None and result.time >= best_time:
                 break                                   # loosening stopped paying
@@ -658,7 +662,8 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
     if options.example_inputs:
         def sim(c: Candidate) -> int:
             return simulate_step(rewrite(graph, to_plan(c)), options.example_inputs, loss_fn=options.loss_fn,
-                                 optimizer=options.optimizer, scratch=options.scratch).peak_bytes
+                                 optimizer=options.optimizer, scratch=options.scratch, amp=options.amp,
+                                 keep_output=options.keep_output, threads=options.threads).peak_bytes
 
         rated_first = [accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]
         rest = accepted[1:-1][::-1] + extras               # the latest accepted first, then the extras
@@ -670,7 +675,8 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
         accepted = (rated_first + rest)[:len(sims)]
         plans = [to_plan(c) for c in accepted]
         vanilla_sim = simulate_step(graph.original_gm, options.example_inputs, loss_fn=options.loss_fn,
-                                    optimizer=options.optimizer, scratch=options.scratch).peak_bytes
+                                    optimizer=options.optimizer, scratch=options.scratch, amp=options.amp,
+                                 keep_output=options.keep_output, threads=options.threads).peak_bytes
         plans = [with_simulation(p, s, vanilla_sim) for p, s in zip(plans, sims)]
         limit = options.budget_bytes if options.budget_bytes is not None else fit_bytes
         fits = [i for i in range(len(plans)) if limit is not None and sims[i] <= limit]

@@ -67,6 +67,9 @@ def add_train_arguments(sub, client: str, *, help: str, input_size: str | None, 
     p.add_argument("--budget", type=parse_budget, default=None,
                    help="memory budget of a training step for memplan, e.g. 8GB (default: least memory)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="train under torch.autocast in this precision (fp16 with a GradScaler); memplan plans "
+                   "for it (default: fp32)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, shuffling, augmentation and splits")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -6,16 +6,60 @@ not finite, and calls ``on_epoch(epoch, means)`` (where the client saves its che
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from models.errors import ClientError
 
-__all__ = ["run_epochs", "batch_ids"]
+__all__ = ["run_epochs", "batch_ids", "Precision", "AMP_MODES"]
+
+#: ``--amp`` values and their autocast dtypes (None: full precision)
+AMP_MODES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """Mixed precision of a client's step, as memplan simulates it (memplan.measure.run_steps): forward
+    and loss under torch.autocast(device type, dtype), backward outside it; "fp16" scales the loss with
+    a torch.amp.GradScaler (which skips a step whose gradients overflowed). ``amp`` None: fp32, no-ops.
+
+    >>> p = Precision("bf16", "cpu")
+    >>> with p.autocast():
+    ...     y = torch.nn.functional.linear(torch.ones(1, 2), torch.ones(3, 2))
+    >>> y.dtype
+    torch.bfloat16
+    """
+
+    def __init__(self, amp: str | None, device: str | torch.device):
+        if amp not in AMP_MODES:
+            raise ClientError(f"--amp {amp!r} is not a precision the clients train in; use bf16, fp16 or leave it "
+                              "out (fp32)")
+        self.amp, self.dtype = amp, AMP_MODES[amp]
+        self.device_type = torch.device(device).type
+        self.scaler = torch.amp.GradScaler(self.device_type) if amp == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward-and-loss context: autocast in ``amp``'s dtype, nothing for fp32."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> None:
+        """``loss.backward()`` then each optimizer's step; scaled (and unscaled before the step) under fp16."""
+        if self.scaler is None:
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            return
+        self.scaler.scale(loss).backward()
+        for opt in optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
 
 
 def batch_ids(batch: Any) -> str:

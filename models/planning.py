@@ -42,6 +42,8 @@ def plan_line(plan: Any) -> str:
     budget = (f"{memplan.format_bytes(plan.budget_bytes, binary=False)} ({memplan.format_bytes(plan.budget_bytes)})"
               if plan.budget_bytes else "none (least memory)")
     rev = f", {len(plan.rev)} REV block(s)" if getattr(plan, "rev", ()) else ""
+    amp = getattr(plan, "amp", None)
+    kind += f", {amp} autocast" if amp else ""
     return (f"memplan: vanilla peak {memplan.format_bytes(vanilla)}, planned peak {memplan.format_bytes(planned)} "
             f"({planned / vanilla:.0%} of vanilla, {kind}), recompute {plan.predicted_overhead:.1%} of forward "
             f"FLOPs{rev}; budget {budget}")
@@ -77,9 +79,11 @@ def scratch_for(device: torch.device | str) -> str:
 def compile_for_training(model: nn.Module, input_shapes: Sequence[int] | Sequence[Sequence[int]], *,
                          loss_fn: Callable[[Any], torch.Tensor], budget: str | int | None = None,
                          rev: bool = False, device: str | torch.device = "cpu", optimizer: str = "adam",
-                         plan: Any = None) -> Compiled:
+                         plan: Any = None, amp: str | None = None) -> Compiled:
     """``memplan.compile`` of ``model`` for inputs of ``input_shapes`` (one shape or a tuple of shapes),
     planned on meta tensors with the client's real ``loss_fn``; the result is moved to ``device``.
+    ``amp`` (None, "bf16", "fp16"): the precision the client trains in (models.loop.Precision), planned
+    for as memplan.compile(amp=) does; a saved ``plan`` must have been made for it.
 
     ``plan`` (a Plan or its JSON) rebuilds a saved plan instead of planning (how REV checkpoints reload).
     BudgetError propagates: the CLI turns it into exit 3 with the smallest feasible peak.
@@ -88,8 +92,8 @@ def compile_for_training(model: nn.Module, input_shapes: Sequence[int] | Sequenc
     example = tuple(torch.empty(s, device="meta") for s in shapes)
     example_inputs = example[0] if len(example) == 1 else example
     if plan is not None:
-        module = memplan.compile(model, example_inputs, plan=plan)
+        module = memplan.compile(model, example_inputs, plan=plan, amp=amp)
     else:
         module = memplan.compile(model, example_inputs, budget=budget, optimizer=optimizer, rev=rev,
-                                 loss_fn=loss_fn, scratch=scratch_for(device))
+                                 loss_fn=loss_fn, scratch=scratch_for(device), amp=amp)
     return Compiled(module.to(device), module.memplan_plan)

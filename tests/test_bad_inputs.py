@@ -178,6 +178,14 @@ CASES: list[tuple[str, Callable[[World], object], type, tuple[str, ...]]] = [
      ("'12 parsecs'", "e.g. '12GB'")),
     ("simulate unknown scratch", lambda w: memplan.simulate_step(w.net, w.x, scratch="gpu"), MemplanError,
      ("'gpu'", "choose one of")),
+    ("measure on a tpu", lambda w: memplan.measure_step(w.net, w.x, device="tpu"), MemplanError,
+     ("device 'tpu'", "pass device='cpu' or device='cuda'")),
+    ("plan amp fp8", lambda w: memplan.plan(w.net, w.x, amp="fp8"), MemplanError,
+     ("unknown amp mode 'fp8'", "choose None \\(full precision\\), 'bf16' or 'fp16'")),
+    ("compile amp fp8", lambda w: memplan.compile(w.net, w.x, amp="fp8"), MemplanError,
+     ("unknown amp mode 'fp8'", "'bf16' or 'fp16'")),
+    ("plan threads zero", lambda w: memplan.plan(w.net, w.x, threads=0), MemplanError,
+     ("threads must be a positive int", "got 0", "torch.get_num_threads")),
     ("compile rev and plan", lambda w: memplan.compile(w.net, w.x, rev=True, plan=w.tmp / "p.json"), MemplanError,
      ("rev=True", "not both")),
     # -- plan files: schema ----------------------------------------------------------------------------
@@ -232,6 +240,15 @@ CASES: list[tuple[str, Callable[[World], object], type, tuple[str, ...]]] = [
     ("plan for another shape", lambda w: memplan.compile(w.net, torch.zeros(1, 1, 16, 16, 16),
                                                          plan=memplan.Plan.from_json(json.dumps(w.plan))),
      PlanMismatchError, ("plan was made for graph [0-9a-f]+ but this model traces to", "re-plan")),
+    ("plan for another precision", lambda w: memplan.compile(w.net, w.x, plan=memplan.Plan.from_json(
+        json.dumps(w.plan)), amp="bf16"), PlanMismatchError,
+     ("made for a fp32 step but this step runs bf16", r"re-plan with memplan\.plan\(model, example_inputs, amp='bf16'\)")),
+    ("plan file amp fp8", lambda w: w.compile_with({**w.plan, "amp": "fp8"}), PlanFileError,
+     ("amp must be null \\(fp32\\), \"bf16\" or \"fp16\", got 'fp8'", "regenerate")),
+    ("plan file amp without its fingerprint", lambda w: w.compile_with({**w.plan, "amp": "bf16"}), PlanFileError,
+     ("says precision fp32 but field amp is 'bf16'", "regenerate")),
+    ("plan file threads zero", lambda w: w.compile_with({**w.plan, "threads": 0}), PlanFileError,
+     ("threads must be a positive int or null, got 0", "regenerate")),
     # -- the command line ------------------------------------------------------------------------------
     ("cli 3 channels", lambda w: optimize_cli(w, TINY_FILE, "--input-shape", "1,3,8,8,8"), MemplanError,
      ("shape 1x3x8x8x8", "pass an --input-shape the network accepts")),
@@ -239,6 +256,10 @@ CASES: list[tuple[str, Callable[[World], object], type, tuple[str, ...]]] = [
      ("nothing to train", "requires_grad")),
     ("cli a string", lambda w: optimize_cli(w, STRING_FILE), MemplanError,
      ("model is a str, not an nn.Module", "name the network")),
+    ("cli amp fp8", lambda w: optimize_cli(w, TINY_FILE, "--amp", "fp8"), MemplanError,
+     ("--amp: invalid choice: 'fp8'", "choose from 'bf16', 'fp16'")),
+    ("cli threads zero", lambda w: optimize_cli(w, TINY_FILE, "--threads", "0"), MemplanError,
+     ("--threads 0", "a positive number")),
 ]
 
 XFAIL: dict[str, str] = {}   # rows known to fail, with the reason (strict: they must fail)

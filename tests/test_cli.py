@@ -83,6 +83,51 @@ def test_optimize_text_names_every_figure(capsys):
         assert needle in text, needle
 
 
+def test_optimize_amp_puts_fp32_and_bf16_side_by_side(tmp_path, capsys):
+    """--amp bf16 --threads 1: the plan is made for bf16 at one thread; the JSON's fp32 and bf16 peaks are
+    simulate_step's, computed here independently of the command."""
+    plan_file = tmp_path / "bf16.json"
+    assert main(["optimize", CONVNET, "--amp", "bf16", "--threads", "1", "--json", "--out", str(plan_file)]) == EXIT_OK
+    rec = json.loads(capsys.readouterr().out)
+    loaded = load_model(CONVNET)
+    plan = memplan.Plan.from_json(plan_file)
+    assert (rec["amp"], rec["threads"], plan.amp, plan.threads) == ("bf16", 1, "bf16", 1)
+    planned = memplan.compile(loaded.model, loaded.inputs, plan=plan, amp="bf16")
+    for amp, key in ((None, "fp32"), ("bf16", "bf16")):
+        for name, m in (("vanilla", loaded.model), ("planned", planned)):
+            want = memplan.simulate_step(m, loaded.inputs, amp=amp, threads=1).peak_bytes
+            assert rec["precision_peaks"][key][f"{name}_peak_bytes"] == want, (key, name)
+    assert rec["planned_peak_bytes"] == rec["precision_peaks"]["bf16"]["planned_peak_bytes"]
+    assert main(["optimize", CONVNET, "--threads", "1"]) == EXIT_OK
+    text = capsys.readouterr().out
+    fp32 = memplan.simulate_step(loaded.model, loaded.inputs, threads=1).peak_bytes
+    bf16 = memplan.simulate_step(loaded.model, loaded.inputs, amp="bf16", threads=1).peak_bytes
+    assert re.search(rf"fp32 / bf16 +vanilla {re.escape(memplan.format_bytes(fp32))} / "
+                     rf"{re.escape(memplan.format_bytes(bf16))}; planned .* \(simulated, the fp32 plan\)", text), text
+    assert "optimizer adam, scratch cpu, fp32, 1 thread" in text
+
+
+def test_fit_amp_json_holds_both_precisions_at_the_given_input(capsys):
+    assert main(["fit", CONVNET, "--budget", "2MiB", "--axis", "2", "--amp", "bf16", "--threads", "1",
+                 "--json"]) == EXIT_OK
+    rec = json.loads(capsys.readouterr().out)
+    loaded = load_model(CONVNET)
+    assert rec["amp"] == "bf16" and rec["threads"] == 1
+    given = rec["peaks_at_given"]
+    assert given["fp32"]["vanilla"] == memplan.simulate_step(loaded.model, loaded.inputs, threads=1).peak_bytes
+    assert given["bf16"]["vanilla"] == memplan.simulate_step(loaded.model, loaded.inputs, amp="bf16",
+                                                             threads=1).peak_bytes
+    gcp = memplan.plan(loaded.model, loaded.inputs, amp="bf16", threads=1)
+    assert given["bf16"]["GCP"] == gcp.simulated_peak_bytes
+    by_strategy = {r["strategy"]: r for r in rec["results"]}
+    assert by_strategy["vanilla"]["base_peak_bytes"] == given["bf16"]["vanilla"]   # the search ran in bf16
+    assert main(["fit", CONVNET, "--budget", "2MiB", "--axis", "2", "--threads", "1"]) == EXIT_OK
+    text = capsys.readouterr().out
+    fp32 = memplan.format_bytes(given["fp32"]["vanilla"])
+    bf16 = memplan.format_bytes(given["bf16"]["vanilla"])
+    assert f"at given, fp32 / bf16: vanilla {fp32} / {bf16}, GCP " in text, text
+
+
 #: C -> C Conv-BN-ReLU layers, each of which a reversible block can replace and free: REV pays here
 CHAIN_SOURCE = """
         import torch
@@ -231,6 +276,15 @@ def test_measure_simulated_only(capsys):
     rec = json.loads(capsys.readouterr().out)
     assert rec["measured_ratio"] is None
     assert rec["planned"]["simulated_peak_bytes"] < rec["vanilla"]["simulated_peak_bytes"]
+
+
+def test_measure_amp_simulates_both_steps_in_bf16(capsys):
+    assert main(["measure", CONVNET, "--amp", "bf16", "--threads", "1", "--json"]) == EXIT_OK
+    rec = json.loads(capsys.readouterr().out)
+    loaded = load_model(CONVNET)
+    assert rec["amp"] == "bf16" and rec["threads"] == 1
+    want = memplan.simulate_step(loaded.model, loaded.inputs, amp="bf16", threads=1).peak_bytes
+    assert rec["vanilla"]["simulated_peak_bytes"] == want
 
 
 def test_device_cuda_without_a_gpu_is_one_line(capsys, monkeypatch):

@@ -66,6 +66,36 @@ def test_help_shows_defaults_and_the_module_runs(client):
     assert out.returncode == 0, out.stderr
     assert "(default: runs/" + client + ")" in out.stdout and "(default: cpu)" in out.stdout
     assert "(default: 0)" in out.stdout                                    # --seed
+    assert "--amp {bf16,fp16}" in out.stdout
+
+
+def test_pose_trains_end_to_end_under_bf16(tmp_path, capsys):
+    """--amp bf16: the plan is made for bf16 (its peaks are simulate_step's under bf16 with the client's
+    loss, recomputed here), the run trains and the checkpoint evaluates."""
+    import json
+
+    import memplan
+    from models.pose.train import build_model, planning_loss
+    extra, shape, count = TINY["pose"]
+    generate_cases("pose", tmp_path / "d", count=count, seed=0, shape=shape)
+    main = importlib.import_module("models.pose.__main__").main
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "d"), "--out", str(run), *extra, "--amp", "bf16", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "simulated, bf16 autocast" in err, err
+    ckpt = load_checkpoint_file(run, "pose")
+    plan = memplan.Plan.from_json(ckpt.plans["detector"])
+    assert plan.amp == "bf16" and plan.fingerprint.endswith("+bf16")
+    assert json.loads((run / "config.json").read_text())["amp"] == "bf16"
+    model = build_model("v2", channels=4, depth=2)
+    meta = torch.empty(1, 1, *shape, device="meta")
+    want = memplan.simulate_step(model, meta, loss_fn=planning_loss("v2"), amp="bf16", threads=plan.threads)
+    assert plan.simulated_vanilla_peak_bytes == want.peak_bytes
+    fp32 = memplan.simulate_step(model, meta, loss_fn=planning_loss("v2"), threads=plan.threads).peak_bytes
+    assert want.peak_bytes < fp32
+    assert main(["evaluate", "--data", str(tmp_path / "d"), "--checkpoint", str(run), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.mark.parametrize("client", sorted(TINY))

@@ -11,7 +11,7 @@ from models.augment import ALL_PLANES, AugmentConfig, Spatial, augment, flip, re
 from models.checkpoint import Checkpoint, load_checkpoint_file, save_checkpoint
 from models.data import Case, crop_or_pad
 from models.errors import ClientError
-from models.loop import run_epochs
+from models.loop import Precision, run_epochs
 from models.planning import compile_for_training, plan_line, resolve_device
 
 
@@ -86,6 +86,41 @@ def test_loop_averages_terms_and_stops_on_a_nan_loss():
     with pytest.raises(ClientError, match=r"loss became nan at epoch 1, case\(s\) a.*lower --lr"):
         run_epochs(lambda b: {"loss": math.nan}, lambda e: [{"id": "a"}], epochs=1, steps_per_epoch=1, desc="t",
                    progress=False)
+
+
+def test_precision_autocasts_the_forward_and_fp16_scaling_leaves_the_step_unchanged():
+    """bf16: the forward runs in bf16, gradients land in fp32 parameters; fp16 with its GradScaler takes
+    the same SGD step as unscaled fp16 autocast (the scale is a power of two, unscaled before the step)."""
+    def net_and_opt():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        return net, torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    net, opt = net_and_opt()
+    bf16 = Precision("bf16", "cpu")
+    with bf16.autocast():
+        out = net(x)
+        loss = out.float().pow(2).mean()
+    assert out.dtype == torch.bfloat16 and bf16.scaler is None
+    bf16.backward(loss, opt)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in net.parameters())
+    scaled, opt_s = net_and_opt()
+    plain, opt_p = net_and_opt()
+    fp16 = Precision("fp16", "cpu")
+    assert fp16.scaler is not None
+    for module, opt_, prec in ((scaled, opt_s, fp16), (plain, opt_p, None)):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = module(x).float().pow(2).mean()
+        if prec is None:
+            loss.backward()
+            opt_.step()
+        else:
+            prec.backward(loss, opt_)
+    for a, b in zip(scaled.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(not torch.equal(a, b) for a, b in zip(scaled.parameters(), net_and_opt()[0].parameters()))
+    with pytest.raises(ClientError, match=r"--amp 'fp8'.*use bf16, fp16"):
+        Precision("fp8", "cpu")
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):

@@ -55,7 +55,7 @@ def test_rev_budget_and_the_real_loss_reach_memplan(dirs, monkeypatch, capsys):
                  "--budget", "2GB", "--rev", "--batch-size", "2", *TINY]) == 0
     loss_fn = seen.pop("loss_fn")
     assert seen == {"budget": "2GB", "optimizer": "adam", "rev": True, "shape": (2, 1, 32, 32, 32), "device": "meta",
-                    "scratch": "cpu"}
+                    "scratch": "cpu", "amp": None}
     out = torch.randn(2, 22, 4, 4, 4)                     # memplan plans with Eq. 8 itself, not a sum of outputs
     assert float(loss_fn(out)) == pytest.approx(float(FetusMapV2Loss()(out, torch.zeros_like(out))))
     assert float(loss_fn(out)) != pytest.approx(float(out.sum()))

@@ -54,6 +54,10 @@ class Result:
 
 
 # -- running the commands ----------------------------------------------------------------------------
+#: OpenMP threads the documented `memplan` commands run with
+DOC_THREADS = 1
+
+
 @contextlib.contextmanager
 def scratch_folder() -> Iterator[Path]:
     """A temporary working folder with ``examples`` linked to this repository's."""
@@ -64,12 +68,17 @@ def scratch_folder() -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _environment(cwd: Path) -> Iterator[None]:
-    old_cwd, old_columns = Path.cwd(), os.environ.get("COLUMNS")
+    """The documented commands' surroundings: ``cwd``, COLUMNS, and one OpenMP thread (the thread count is
+    part of a plan and of CPU scratch figures, so docs generated anywhere match tests/conftest.py's)."""
+    import torch
+    old_cwd, old_columns, old_threads = Path.cwd(), os.environ.get("COLUMNS"), torch.get_num_threads()
     os.chdir(cwd)
     os.environ["COLUMNS"] = str(COLUMNS)
+    torch.set_num_threads(DOC_THREADS)
     try:
         yield
     finally:
+        torch.set_num_threads(old_threads)
         os.chdir(old_cwd)
         if old_columns is None:
             os.environ.pop("COLUMNS", None)

@@ -15,6 +15,7 @@ from typing import TextIO
 from rich.console import Console
 
 from ..errors import MemplanError
+from ..options import amp_text
 from .loading import compile_loaded, load, scratch_for
 from .outputs import Writer, check_output_path, plot_suffixes, write_all
 from .parsing import ExitCode
@@ -34,6 +35,31 @@ class Streams:
     @property
     def err(self) -> Console:
         return self.progress.console
+
+
+# -- fp32 beside mixed precision -----------------------------------------------------------------------
+def side_precisions(args: argparse.Namespace) -> tuple[None, str]:
+    """The two precisions the output puts side by side: fp32 (None) and ``--amp``, else bf16."""
+    return None, args.amp or "bf16"
+
+
+def precision_peaks(loaded, module, plan, args: argparse.Namespace, scratch: str, progress: Progress
+                    ) -> dict[str, dict[str, int]]:
+    """Simulated vanilla and planned peaks in fp32 and in the mixed precision, keyed "fp32"/"bf16"/"fp16":
+    the plan's own precision from the plan, the other simulated with the same compiled module."""
+    from ..measure import simulate_step
+    out: dict[str, dict[str, int]] = {}
+    for amp in side_precisions(args):
+        if amp == plan.amp and plan.simulated_peak_bytes is not None:
+            out[amp_text(amp)] = {"vanilla_peak_bytes": plan.simulated_vanilla_peak_bytes,
+                                  "planned_peak_bytes": plan.simulated_peak_bytes}
+            continue
+        with progress.stage(f"simulating both steps in {amp_text(amp)}"), notes_to(progress.console):
+            out[amp_text(amp)] = {
+                f"{name}_peak_bytes": simulate_step(m, loaded.inputs, optimizer=args.optimizer, scratch=scratch,
+                                                    amp=amp, threads=plan.threads).peak_bytes
+                for name, m in (("vanilla", loaded.model), ("planned", module))}
+    return out
 
 
 # -- optimize ----------------------------------------------------------------------------------------
@@ -57,10 +83,11 @@ def cmd_optimize(args: argparse.Namespace, io: Streams) -> int:
     if plot_path is not None:
         from .plots import plot_timeline, steady_timeline
         with io.progress.stage("simulating both steps for the timeline"), notes_to(io.err):
-            curves = {name: steady_timeline(m, loaded.inputs, optimizer=args.optimizer, scratch=scratch)
+            curves = {name: steady_timeline(m, loaded.inputs, optimizer=args.optimizer, scratch=scratch,
+                                            amp=args.amp, threads=plan.threads)
                       for name, m in (("vanilla", loaded.model), ("planned", module))}
         title = (f"{loaded.model_source}, input {shape_text(loaded.input_shapes[0])}, optimizer {args.optimizer}, "
-                 f"scratch {scratch} (simulated)")
+                 f"scratch {scratch}, {amp_text(args.amp)} (simulated)")
         writers[plot_path] = lambda p: plot_timeline(curves, p, budget_bytes=plan.budget_bytes, title=title)
     if writers:
         names = ", ".join(str(p) for p in writers)
@@ -69,18 +96,22 @@ def cmd_optimize(args: argparse.Namespace, io: Streams) -> int:
         except (OSError, ValueError) as exc:
             raise MemplanError(f"writing {names} failed ({type(exc).__name__}: {exc}); nothing was written, "
                                "choose another path") from exc
+    peaks = precision_peaks(loaded, module, plan, args, scratch, io.progress)
     if args.json:
-        print(to_json(optimize_record(loaded, plan, scratch=scratch, out=args.out, plot=args.plot)), file=io.json)
+        print(to_json(optimize_record(loaded, plan, scratch=scratch, out=args.out, plot=args.plot,
+                                      precision_peaks=peaks)), file=io.json)
     else:
         print_optimize(io.out, loaded, plan, scratch=scratch, all_segments=args.all_segments,
-                       written=[p for p in (args.out, args.plot) if p])
+                       written=[p for p in (args.out, args.plot) if p], precision_peaks=peaks)
     return ExitCode.OK
 
 
 # -- fit ---------------------------------------------------------------------------------------------
 def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
     """The largest input per strategy that fits ``--budget``; exit 3 when none fits at any size."""
-    from ..fit import fit
+    import torch
+
+    from ..fit import fit, peak_function
     from ..units import parse_bytes
     budget = parse_bytes(args.budget)
     loaded = load(args, io.progress)
@@ -89,6 +120,7 @@ def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
                            f"({loaded.input_source}); use `memplan optimize` at each size instead")
     strategies = ("vanilla", "GCP", "REV", "GCP+REV") if args.rev else ("vanilla", "GCP")
     scratch = scratch_for(args)
+    threads = args.threads or torch.get_num_threads()
     with io.progress.stage(f"searching the largest input ({', '.join(strategies)})") as update, notes_to(io.err):
         def wrap(strategy, fn):
             def peak(shape):
@@ -101,7 +133,16 @@ def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
             return peak
         grid, results = fit(loaded.model, loaded.input_shapes[0], budget, strategies=strategies, axis=args.axis,
                             optimizer=args.optimizer, method=args.method, scratch=scratch,
-                            dtype=loaded.inputs[0].dtype, peak_wrapper=wrap)
+                            dtype=loaded.inputs[0].dtype, peak_wrapper=wrap, amp=args.amp, threads=threads)
+    side = side_precisions(args)
+    other = side[1] if args.amp is None else side[0]
+    with io.progress.stage(f"peaks at the given input in {amp_text(other)}"), notes_to(io.err):
+        other_peaks = {r.strategy: peak_function(loaded.model, r.strategy, optimizer=args.optimizer,
+                                                 method=args.method, scratch=scratch, dtype=loaded.inputs[0].dtype,
+                                                 amp=other, threads=threads)(grid.base)
+                       for r in results}
+    by_precision = {amp_text(a): {r.strategy: (r.base_peak_bytes if a == args.amp else other_peaks[r.strategy])
+                                  for r in results} for a in side}
     failure = None
     if all(r.shape is None for r in results):
         least = min(results, key=lambda r: r.next_peak_bytes or math.inf)
@@ -109,12 +150,13 @@ def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
                    f"(least: {least.strategy} at {fmt(least.next_peak_bytes)}); raise the budget"
                    + ("" if args.rev else " or try --rev"))
     if args.json:
-        record = fit_record(loaded, grid, results, budget, optimizer=args.optimizer, scratch=scratch)
+        record = fit_record(loaded, grid, results, budget, optimizer=args.optimizer, scratch=scratch, amp=args.amp,
+                            threads=threads, peaks_by_precision=by_precision)
         if failure:                                  # the answer and the error in the one object
             record["error"] = {"type": "BudgetError", "message": failure, "exit_code": int(ExitCode.BUDGET)}
         print(to_json(record), file=io.json)
     else:
-        io.out.print(fit_table(loaded, grid, results, budget))
+        io.out.print(fit_table(loaded, grid, results, budget, peaks_by_precision=by_precision, amp=args.amp))
     if failure:
         io.err.print(f"memplan: error: {failure}", soft_wrap=True, markup=False)
         return ExitCode.BUDGET
@@ -143,19 +185,25 @@ def cmd_measure(args: argparse.Namespace, io: Streams) -> int:
     with io.progress.stage("simulating both steps"):
         for name, m in modules.items():
             rows[name]["simulated_peak_bytes"] = simulate_step(m, loaded.inputs, optimizer=args.optimizer,
-                                                               scratch=scratch).peak_bytes
+                                                               scratch=scratch, amp=args.amp,
+                                                               threads=plan.threads).peak_bytes
     if args.real:
         real = real_inputs(loaded, args.device)
-        for name, m in modules.items():
-            with io.progress.stage(f"measuring a real {name} step on {args.device}"), drop_native_lines():
-                rows[name]["measured_peak_bytes"] = measure_step(m, real, optimizer=args.optimizer,
-                                                                 device=args.device).peak_bytes
-        with io.progress.stage(f"timing {args.repeat} steps of each, alternating"):
-            times = time_steps(modules, real, args.optimizer, args.repeat)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(plan.threads)          # the real steps run at the threads the simulation assumed
+        try:
+            for name, m in modules.items():
+                with io.progress.stage(f"measuring a real {name} step on {args.device}"), drop_native_lines():
+                    rows[name]["measured_peak_bytes"] = measure_step(m, real, optimizer=args.optimizer,
+                                                                     device=args.device, amp=args.amp).peak_bytes
+            with io.progress.stage(f"timing {args.repeat} steps of each, alternating"):
+                times = time_steps(modules, real, args.optimizer, args.repeat, amp=args.amp)
+        finally:
+            torch.set_num_threads(threads_before)
         for name in modules:
             rows[name]["step_time_s"] = times[name]
     record = measure_record(loaded, plan, rows, optimizer=args.optimizer, scratch=scratch,
-                            device=args.device if args.real else None)
+                            device=args.device if args.real else None, amp=args.amp, threads=plan.threads)
     if args.json:
         print(to_json(record), file=io.json)
     else:

@@ -28,4 +28,5 @@ def compile_loaded(loaded: LoadedModel, args: argparse.Namespace, progress: Prog
     what = "planning GCP+REV (tries each reversible block)" if args.rev else "tracing and planning"
     with progress.stage(f"{what} on {shape_text(loaded.input_shapes[0])}"), notes_to(progress.console):
         return compile_model(loaded.model, loaded.inputs, budget=args.budget, optimizer=args.optimizer,
-                             method=args.method, rev=args.rev, scratch=args.scratch)
+                             method=args.method, rev=args.rev, scratch=args.scratch, amp=args.amp,
+                             threads=args.threads)

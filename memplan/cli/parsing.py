@@ -89,9 +89,32 @@ def _common(p: argparse.ArgumentParser, *, budget_required: bool = False) -> Non
     p.add_argument("--scratch", choices=("cpu", "none"), default=None,
                    help="cpu: count CPU convolution scratch buffers; none: tensors only, as CUDA's allocator "
                    "(default: cpu when planning for the CPU)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="plan the step under torch.autocast in this precision (fp16 with a GradScaler); the "
+                   "output shows the fp32 and the mixed-precision peaks side by side (default: fp32, and "
+                   "bf16 beside it)")
+    p.add_argument("--threads", type=positive_threads, default=None, metavar="N",
+                   help="OpenMP threads of the CPU step, which CPU convolution scratch depends on; recorded in "
+                   "the plan (default: torch.get_num_threads())")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else (an "
                    "error too: {\"error\": {...}})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr (notes and errors stay)")
+
+
+def positive_threads(text: str) -> int:
+    """argparse type of --threads: a positive int.
+
+    >>> positive_threads("2")
+    2
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--threads {text}: give a positive number of OpenMP threads, e.g. "
+                                         "--threads 1")
+    return value
 
 
 def wrap(text: str) -> str:

@@ -8,11 +8,13 @@ from ..units import format_bytes
 COLORS = ("tab:gray", "tab:blue", "tab:green", "tab:orange")
 
 
-def steady_timeline(module, inputs, *, optimizer: str, scratch: str) -> list[int]:
+def steady_timeline(module, inputs, *, optimizer: str, scratch: str, amp: str | None = None,
+                    threads: int | None = None) -> list[int]:
     """Live bytes after every op of a steady-state training step (the second of two simulated steps)."""
     from ..measure import simulate_step
-    first = simulate_step(module, inputs, optimizer=optimizer, scratch=scratch, steps=1).timeline
-    both = simulate_step(module, inputs, optimizer=optimizer, scratch=scratch, steps=2).timeline
+    step = dict(optimizer=optimizer, scratch=scratch, amp=amp, threads=threads)
+    first = simulate_step(module, inputs, steps=1, **step).timeline
+    both = simulate_step(module, inputs, steps=2, **step).timeline
     return [b for _, b in both[len(first):]]
 
 

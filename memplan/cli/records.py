@@ -50,16 +50,19 @@ def error_record(exc: BaseException, exit_code: int, message: str | None = None)
     return {"error": err}
 
 
-def optimize_record(loaded, plan, *, scratch: str, out: str | None, plot: str | None) -> dict:
-    """The machine-readable summary of ``memplan optimize`` (the full plan under "plan")."""
+def optimize_record(loaded, plan, *, scratch: str, out: str | None, plot: str | None,
+                    precision_peaks: dict[str, dict[str, int]] | None = None) -> dict:
+    """The machine-readable summary of ``memplan optimize`` (the full plan under "plan"); "precision_peaks"
+    holds the simulated vanilla and planned peaks in fp32 and in mixed precision, side by side."""
     sim_v, sim_p = plan.simulated_vanilla_peak_bytes, plan.simulated_peak_bytes
     return {
         "model": loaded.model_source, "input_shapes": [list(s) for s in loaded.input_shapes],
         "dtype": str(loaded.inputs[0].dtype).removeprefix("torch."), "input_source": loaded.input_source,
         "graph_nodes": sum(len(s.nodes) for s in plan.segments), "lower_sets": plan.lower_set_count,
         "method": plan.method, "method_reason": plan.method_reason, "objective": plan.objective,
-        "optimizer": plan.optimizer, "scratch": scratch, "budget_bytes": plan.budget_bytes,
-        "vanilla_peak_bytes": sim_v, "planned_peak_bytes": sim_p,
+        "optimizer": plan.optimizer, "scratch": scratch, "amp": plan.amp, "threads": plan.threads,
+        "budget_bytes": plan.budget_bytes, "vanilla_peak_bytes": sim_v, "planned_peak_bytes": sim_p,
+        "precision_peaks": precision_peaks or {},
         "vanilla_cost_model_bytes": plan.vanilla_peak_bytes, "planned_cost_model_bytes": plan.predicted_peak_bytes,
         "peak_ratio": None if not sim_v or sim_p is None else sim_p / sim_v,
         "overhead": plan.predicted_overhead, "planning_time_s": plan.planning_time_s,
@@ -69,13 +72,16 @@ def optimize_record(loaded, plan, *, scratch: str, out: str | None, plot: str | 
     }
 
 
-def fit_record(loaded, grid, results, budget_bytes: int, *, optimizer: str, scratch: str) -> dict:
-    """The machine-readable answer of ``memplan fit``: the grid and one result per strategy."""
+def fit_record(loaded, grid, results, budget_bytes: int, *, optimizer: str, scratch: str, amp: str | None = None,
+               threads: int | None = None, peaks_by_precision: dict[str, dict[str, int]] | None = None) -> dict:
+    """The machine-readable answer of ``memplan fit``: the grid and one result per strategy;
+    "peaks_at_given" maps precision -> strategy -> simulated peak at the given input."""
     def shape(s):
         return None if s is None else list(s)
     return {
         "model": loaded.model_source, "budget_bytes": budget_bytes, "base_shape": list(grid.base),
         "axes": list(grid.axes), "multiples": list(grid.multiples), "optimizer": optimizer, "scratch": scratch,
+        "amp": amp, "threads": threads, "peaks_at_given": peaks_by_precision or {},
         "results": [{**{k: v for k, v in asdict(r).items() if k not in ("shape", "next_shape")},
                      "shape": shape(r.shape), "next_shape": shape(r.next_shape), "capped": r.capped}
                     for r in results],
@@ -83,13 +89,14 @@ def fit_record(loaded, grid, results, budget_bytes: int, *, optimizer: str, scra
 
 
 def measure_record(loaded, plan, rows: dict[str, dict], *, optimizer: str, scratch: str,
-                   device: str | None) -> dict:
+                   device: str | None, amp: str | None = None, threads: int | None = None) -> dict:
     """The machine-readable comparison of ``memplan measure``; ``device`` is None without --real."""
     v, p = rows["vanilla"], rows["planned"]
     real = device is not None
     return {
         "model": loaded.model_source, "input_shapes": [list(s) for s in loaded.input_shapes],
-        "budget_bytes": plan.budget_bytes, "optimizer": optimizer, "scratch": scratch, "rev": bool(plan.rev),
+        "budget_bytes": plan.budget_bytes, "optimizer": optimizer, "scratch": scratch, "amp": amp,
+        "threads": threads, "rev": bool(plan.rev),
         "device": device, "vanilla": v, "planned": p,
         "simulated_ratio": p["simulated_peak_bytes"] / v["simulated_peak_bytes"],
         "measured_ratio": (p["measured_peak_bytes"] / v["measured_peak_bytes"]) if real else None,

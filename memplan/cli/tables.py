@@ -6,6 +6,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from ..options import amp_text
 from ..segtable import segment_rows
 from ..units import format_bytes
 
@@ -55,8 +56,33 @@ def segment_table(plan, *, all_segments: bool) -> Table:
     return table
 
 
-def print_optimize(out: Console, loaded, plan, *, scratch: str, all_segments: bool, written: list[str]) -> None:
-    """Header (model, input, graph, method, peaks, overhead), the segment table, REV lines, notes, files."""
+def step_text(optimizer: str, scratch: str, amp: str | None, threads: int | None) -> str:
+    """The simulated step in words.
+
+    >>> step_text("adam", "cpu", "bf16", 2)
+    'optimizer adam, scratch cpu, bf16 autocast, 2 threads'
+    """
+    precision = "fp32" if amp is None else f"{amp} autocast"
+    return f"optimizer {optimizer}, scratch {scratch}, {precision}" + (f", {threads} thread{'s' * (threads != 1)}" if threads else "")
+
+
+def precision_text(peaks: dict[str, dict[str, int]], plan_amp: str | None) -> tuple[str, str]:
+    """The header row putting fp32 and mixed-precision peaks side by side: (label, text).
+
+    >>> precision_text({"fp32": {"vanilla_peak_bytes": 4 * 2**20, "planned_peak_bytes": 2**21},
+    ...                 "bf16": {"vanilla_peak_bytes": 2**21, "planned_peak_bytes": 2**20}}, None)
+    ('fp32 / bf16', 'vanilla 4.00 MiB / 2.00 MiB; planned 2.00 MiB / 1.00 MiB (simulated, the fp32 plan)')
+    """
+    names = list(peaks)
+    cell = {k: " / ".join(fmt(peaks[n][f"{k}_peak_bytes"]) for n in names) for k in ("vanilla", "planned")}
+    return (" / ".join(names), f"vanilla {cell['vanilla']}; planned {cell['planned']} "
+            f"(simulated, the {amp_text(plan_amp)} plan)")
+
+
+def print_optimize(out: Console, loaded, plan, *, scratch: str, all_segments: bool, written: list[str],
+                   precision_peaks: dict[str, dict[str, int]] | None = None) -> None:
+    """Header (model, input, graph, method, peaks, overhead), the segment table, REV lines, notes, files;
+    ``precision_peaks`` adds the fp32 and mixed-precision peaks side by side."""
     sim_v, sim_p = plan.simulated_vanilla_peak_bytes, plan.simulated_peak_bytes
     nodes = sum(len(s.nodes) for s in plan.segments)
     sets = f"{plan.lower_set_count} lower sets" if plan.lower_set_count is not None else "lower sets not enumerated"
@@ -70,10 +96,12 @@ def print_optimize(out: Console, loaded, plan, *, scratch: str, all_segments: bo
     head.add_row("graph", f"{nodes} nodes, {sets}")
     head.add_row("method", f"{plan.method} DP ({plan.method_reason}); {plan.objective}; planned in "
                  f"{plan.planning_time_s:.2f} s")
-    head.add_row("step", f"optimizer {plan.optimizer}, scratch {scratch}")
+    head.add_row("step", step_text(plan.optimizer, scratch, plan.amp, plan.threads))
     head.add_row("budget", budget_text(plan.budget_bytes))
     head.add_row("vanilla peak", f"{fmt(sim_v)} simulated  (cost model {fmt(plan.vanilla_peak_bytes)})")
     head.add_row("planned peak", f"{fmt(sim_p)} simulated  (cost model {fmt(plan.predicted_peak_bytes)}){ratio}")
+    if precision_peaks:
+        head.add_row(*precision_text(precision_peaks, plan.amp))
     head.add_row("overhead", f"{plan.predicted_overhead:.1%} of forward FLOPs recomputed"
                  + (" (incl. REV rebuilds)" if plan.rev else ""))
     out.print(head)
@@ -89,18 +117,36 @@ def print_optimize(out: Console, loaded, plan, *, scratch: str, all_segments: bo
         out.print(f"wrote {path}{reuse}", soft_wrap=True, markup=False)
 
 
-def fit_table(loaded, grid, results, budget_bytes: int) -> Table:
-    """One row per strategy: its peak at the given input, the largest input that fits, the next size up."""
+def side_by_side_text(peaks_by_precision: dict[str, dict[str, int]] | None) -> str:
+    r"""The fit caption's first line: each strategy's peak at the given input in fp32 and mixed precision.
+
+    >>> side_by_side_text({"fp32": {"vanilla": 2**21, "GCP": 2**20}, "bf16": {"vanilla": 2**20, "GCP": 2**19}})
+    'at given, fp32 / bf16: vanilla 2.00 MiB / 1.00 MiB, GCP 1.00 MiB / 512 KiB\n'
+    """
+    if not peaks_by_precision:
+        return ""
+    names = list(peaks_by_precision)
+    strategies = list(peaks_by_precision[names[0]])
+    cells = [f"{s} {' / '.join(fmt(peaks_by_precision[n][s]) for n in names)}" for s in strategies]
+    return f"at given, {' / '.join(names)}: {', '.join(cells)}\n"
+
+
+def fit_table(loaded, grid, results, budget_bytes: int, *, peaks_by_precision: dict[str, dict[str, int]] | None = None,
+              amp: str | None = None) -> Table:
+    """One row per strategy: its peak at the given input, the largest input that fits (planned under
+    ``amp``), the next size up; ``peaks_by_precision`` adds a caption line with each strategy's peak at
+    the given input in fp32 and in mixed precision side by side."""
     base_v = next((r.base_peak_bytes for r in results if r.strategy == "vanilla"), None)
     vox0 = math.prod(grid.base[a] for a in grid.axes)
     axes = f"axes {', '.join(map(str, grid.axes))} grown in multiples of {', '.join(map(str, grid.multiples))}"
     table = Table(title=f"largest input within {budget_text(budget_bytes)}: {loaded.model_source}",
                   title_justify="left", caption_justify="left",
-                  caption=f"given input {shape_text(grid.base)}; {axes}; peaks: simulated training steps, the "
-                  "smallest each strategy reaches; x given: max input size / given; next size up: the next "
-                  "grid shape, over the budget")
-    for col, just in (("strategy", "left"), ("peak at given", "right"), ("max input", "left"),
-                      ("peak", "right"), ("x given", "right"), ("next size up", "left")):
+                  caption=f"{side_by_side_text(peaks_by_precision)}given input {shape_text(grid.base)}; {axes}; "
+                  f"peaks: simulated {amp_text(amp)} training steps, the smallest each strategy reaches; x given: "
+                  "max input size / given; next size up: the next grid shape, over the budget")
+    cols = [("strategy", "left"), ("peak at given", "right"), ("max input", "left"), ("peak", "right"),
+            ("x given", "right"), ("next size up", "left")]
+    for col, just in cols:
         table.add_column(col, justify=just)
     for r in results:
         pct = f" ({r.base_peak_bytes / base_v:.0%})" if base_v else ""
@@ -115,7 +161,8 @@ def print_measure(out: Console, loaded, rec: dict, *, repeat: int) -> None:
     """Simulated (and with --real measured) peaks of both steps, their ratio, and the step times."""
     real = rec["device"] is not None
     out.print(f"{loaded.model_source}, input {shape_text(loaded.input_shapes[0])}, optimizer {rec['optimizer']}, "
-              f"budget {budget_text(rec['budget_bytes'])}" + (", REV" if rec["rev"] else ""), soft_wrap=True)
+              f"{amp_text(rec.get('amp'))}, budget {budget_text(rec['budget_bytes'])}" + (", REV" if rec["rev"] else ""),
+              soft_wrap=True)
     table = Table()
     cols = [("", "left"), ("simulated peak", "right")]
     if real:

@@ -50,7 +50,7 @@ from ..errors import BudgetError, PlanMismatchError
 from ..graph import DEFAULT_LOWER_SET_BOUND, MemGraph
 from ..kusumoto import dp_plan, plan_kusumoto
 from ..options import Objective, PlanOptions, plan_options
-from ..plan import Plan, RevReplacementRecord, chain_to_segments
+from ..plan import Plan, RevReplacementRecord, chain_to_segments, graph_part, stamped
 from ..rewrite import rewrite
 from ..trace import register_leaf, trace
 from ..units import format_bytes
@@ -526,7 +526,7 @@ def _final_plan(ctx: _Context, best: RevOutcome, original: Plan, notes: Sequence
         notes=(*ctx.graph.trace_notes, *notes, *([f"REV inputs: {free_note}"] if best.names else [])))
     if ctx.options.budget_bytes is not None:   # the least overhead among the configurations that fit
         plan = dataclasses.replace(plan, budget_bytes=ctx.options.budget_bytes, objective=Objective.TIME.value)
-    return plan
+    return stamped(plan, ctx.options)
 
 
 def _plan_rev(graph: MemGraph, options: PlanOptions) -> tuple[Plan, MemGraph]:
@@ -630,7 +630,7 @@ def rebuild_rev_graph(model: nn.Module | MemGraph, example_inputs: Any, plan: Pl
         raise PlanMismatchError(f"the plan's REV records carry different seeds {sorted(seeds)}; one substitution "
                                 "uses one seed: re-plan with rev=True")
     options = PlanOptions(method="rev", optimizer=plan.optimizer, scratch="none", rev_seed=seeds.pop(),
-                          example_inputs=inputs, simulate=False)
+                          amp=plan.amp, example_inputs=inputs, simulate=False)
     ctx = _context(graph, options)
     names = [r.name for r in plan.rev]
     missing = sorted(set(names) - {c.name for c in ctx.candidates})
@@ -640,7 +640,7 @@ def rebuild_rev_graph(model: nn.Module | MemGraph, example_inputs: Any, plan: Pl
     _, _, rev_node = ctx.substitute(names)        # the REV node names the plan's segments use
     flags = free_input_flags(ctx.chosen(names), plan, rev_node)
     rebuilt, reps, _ = ctx.substitute(names, flags)
-    if rebuilt.fingerprint() != plan.fingerprint:
+    if rebuilt.fingerprint() != graph_part(plan.fingerprint):
         raise PlanMismatchError(
             f"plan was made for graph {plan.fingerprint} but substituting {len(names)} REV blocks in this model gives "
             f"{rebuilt.fingerprint()} (a different network, input shape or dtype); re-plan with rev=True")
@@ -664,28 +664,32 @@ def _traced(model: nn.Module, example_inputs: Any, **kwargs: Any) -> tuple[MemGr
 def compare_rev(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
                 method: str = "auto", loss_fn=None, scratch: str | None = None,
                 lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, seed: int = REV_SEED,
-                search: bool = True) -> RevComparison:
+                search: bool = True, amp: str | None = None, keep_output: bool = True,
+                threads: int | None = None) -> RevComparison:
     """Trace ``model`` and run :func:`compare_graph` (every configuration the REV planner rates)."""
     graph, options = _traced(model, example_inputs, budget=budget, optimizer=optimizer, method=method, rev=True,
                              loss_fn=loss_fn, scratch=scratch, lower_set_bound=lower_set_bound, rev_seed=seed,
-                             rev_search=search)
+                             rev_search=search, amp=amp, keep_output=keep_output, threads=threads)
     return compare_graph(graph, options)
 
 
 def plan_with_rev(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
                   method: str = "auto", loss_fn=None, scratch: str | None = None,
                   lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, seed: int = REV_SEED,
-                  search: bool = True) -> tuple[Plan, MemGraph]:
-    """:func:`plan_rev` of the traced ``model``, as (plan, substituted graph); ``rewrite(graph, plan)`` trains."""
+                  search: bool = True, amp: str | None = None, keep_output: bool = True,
+                  threads: int | None = None) -> tuple[Plan, MemGraph]:
+    """:func:`plan_rev` of the traced ``model``, as (plan, substituted graph); ``rewrite(graph, plan)`` trains.
+    ``amp``, ``keep_output``, ``threads``: the simulated step, as in memplan.plan."""
     graph, options = _traced(model, example_inputs, budget=budget, optimizer=optimizer, method=method, rev=True,
                              loss_fn=loss_fn, scratch=scratch, lower_set_bound=lower_set_bound, rev_seed=seed,
-                             rev_search=search)
+                             rev_search=search, amp=amp, keep_output=keep_output, threads=threads)
     return _plan_rev(graph, options)
 
 
 def rev_only_plan(model: nn.Module, example_inputs: Any, *, optimizer: str = "adam", loss_fn=None,
-                  scratch: str | None = None, seed: int = REV_SEED) -> tuple[Plan, MemGraph]:
+                  scratch: str | None = None, seed: int = REV_SEED, amp: str | None = None,
+                  keep_output: bool = True, threads: int | None = None) -> tuple[Plan, MemGraph]:
     """:func:`plan_rev_only` of the traced ``model``, as (plan, substituted graph)."""
     graph, options = _traced(model, example_inputs, optimizer=optimizer, method="rev-only", loss_fn=loss_fn,
-                             scratch=scratch, rev_seed=seed)
+                             scratch=scratch, rev_seed=seed, amp=amp, keep_output=keep_output, threads=threads)
     return _plan_rev_only(graph, options)

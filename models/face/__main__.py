@@ -57,7 +57,7 @@ def _train(args) -> int:
                          batch_size=args.batch_size, lr=args.lr, budget=args.budget, channels=args.channels,
                          fuse_channels=args.fuse_channels, rpn_channels=args.rpn_channels, spacing_mm=args.spacing_mm,
                          iou_balanced=not args.no_iou_balance, augment=not args.no_augment, seed=args.seed,
-                         device=args.device, progress=not args.quiet)
+                         device=args.device, progress=not args.quiet, amp=args.amp)
     _, history = train(config)
     print(f"trained {len(history)} epochs: loss {history[0]:.4f} -> {history[-1]:.4f}; checkpoint in {args.out}")
     return 0

@@ -26,7 +26,7 @@ from models.face.dataset import PAPER_SPACING_MM, FaceDataset, augment, box_scal
 from models.face.graph_prior import GraphPrior
 from models.face.losses import ETA, RPNLoss, rpn_loss
 from models.face.net import FEATURE_STRIDE, FaceRPN, flatten_head
-from models.loop import run_epochs
+from models.loop import Precision, run_epochs
 from models.planning import Compiled, compile_for_training, resolve_device
 
 __all__ = ["TrainConfig", "build_model", "make_anchors", "batch_targets", "compile_model", "planning_loss",
@@ -61,6 +61,7 @@ class TrainConfig:
     device: str = "cpu"
     case_ids: tuple[str, ...] | None = None
     progress: bool = True
+    amp: str | None = None                                  # None (fp32), "bf16" or "fp16" autocast
 
     def __post_init__(self) -> None:
         if any(s % 8 for s in self.input_size):
@@ -142,8 +143,8 @@ def held_bytes(input_size: Sequence[int], batch_size: int, num_landmarks: int = 
 
 
 def compile_model(model: FaceRPN, input_size: Sequence[int], batch_size: int, budget: str | int | None, *,
-                  device: str | torch.device = "cpu", anchor_batch: int = 256) -> Compiled:
-    """``memplan.compile`` of ``model`` for (batch, 1, *input_size) inputs, planned with the RPN loss.
+                  device: str | torch.device = "cpu", anchor_batch: int = 256, amp: str | None = None) -> Compiled:
+    """``memplan.compile`` of ``model`` for (batch, 1, *input_size) inputs, planned with the RPN loss in ``amp``.
 
     ``budget`` is the whole step's: memplan plans the network for it less :func:`held_bytes` (the anchors
     and targets the loop holds); a BudgetError names the smallest feasible budget with them included.
@@ -153,7 +154,7 @@ def compile_model(model: FaceRPN, input_size: Sequence[int], batch_size: int, bu
     network_budget = None if budget is None else max(memplan.parse_bytes(budget) - held, 1)
     try:
         return compile_for_training(model, (batch_size, 1, *input_size), budget=network_budget, device=device,
-                                    loss_fn=planning_loss(model.num_anchors, anchor_batch))
+                                    loss_fn=planning_loss(model.num_anchors, anchor_batch), amp=amp)
     except memplan.BudgetError as err:
         total = None if budget is None else memplan.parse_bytes(budget)
         raise memplan.BudgetError(f"{err}\n(face: plus {memplan.format_bytes(held)} of anchors and anchor "
@@ -163,13 +164,16 @@ def compile_model(model: FaceRPN, input_size: Sequence[int], batch_size: int, bu
 
 def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, image: torch.Tensor,
                targets: list[AnchorTargets], boxes: list[torch.Tensor], anchors: torch.Tensor, *,
-               num_anchors: int, eta: float = ETA, iou_balanced: bool = True) -> RPNLoss:
-    """One optimiser step on a batch; returns the loss parts (before the step)."""
+               num_anchors: int, eta: float = ETA, iou_balanced: bool = True,
+               precision: Precision | None = None) -> RPNLoss:
+    """One optimiser step on a batch (forward and loss under ``precision``'s autocast); returns the loss
+    parts (before the step)."""
+    precision = precision or Precision(None, image.device)
     optimizer.zero_grad(set_to_none=True)
-    loss = batch_loss(network(image), targets, boxes, anchors, num_anchors=num_anchors, eta=eta,
-                      iou_balanced=iou_balanced)
-    loss.total.backward()
-    optimizer.step()
+    with precision.autocast():
+        loss = batch_loss(network(image), targets, boxes, anchors, num_anchors=num_anchors, eta=eta,
+                          iou_balanced=iou_balanced)
+    precision.backward(loss.total, optimizer)
     return loss
 
 
@@ -218,13 +222,14 @@ def train(config: TrainConfig, *, progress: bool | None = None, log: Callable[[s
     network: nn.Module = model
     if config.compile:
         compiled = compile_model(model, config.input_size, config.batch_size, config.budget, device=device,
-                                 anchor_batch=config.anchor_batch)
+                                 anchor_batch=config.anchor_batch, amp=config.amp)
         network, plan = compiled.module, compiled.plan
         log(f"face RPN, input {config.batch_size}x1x{'x'.join(map(str, config.input_size))}, "
             f"{config.spacing_mm} mm voxels\n{compiled.summary}\nface: the loop holds "
             f"{memplan.format_bytes(held_bytes(config.input_size, config.batch_size))} of anchors and anchor "
             f"targets on top of the planned peak{' (the budget above is --budget less them)' if config.budget else ''}")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    precision = Precision(config.amp, device)
     anchors = make_anchors(config.input_size, config.box_scale)
     model.train()
     network.train()
@@ -242,7 +247,7 @@ def train(config: TrainConfig, *, progress: bool | None = None, log: Callable[[s
         targets, boxes = batch_targets(torch.stack([p[1] for p in pairs]), anchors, box_scale=config.box_scale,
                                        anchor_batch=config.anchor_batch, generator=generator)
         loss = train_step(network, optimizer, image, targets, boxes, anchors, num_anchors=model.num_anchors,
-                          eta=config.eta, iou_balanced=config.iou_balanced)
+                          eta=config.eta, iou_balanced=config.iou_balanced, precision=precision)
         return {"loss": loss.total.item(), "cls": loss.cls.item(), "reg": loss.reg.item()}
 
     history: list[float] = []

@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
         schedule=AdversarialSchedule(args.epochs, args.adv_epochs if adv is None else adv, args.adv_weight), loss=loss,
         batch_size=args.batch_size, lr=args.lr, roi_epochs=args.roi_epochs, roi_volume_size=args.roi_size,
         roi_margin_vox=args.roi_margin, sigma_vox=args.sigma, budget=args.budget, compile=not args.no_compile,
-        augment=not args.no_augment, seed=args.seed, device=args.device, progress=not args.quiet)
+        augment=not args.no_augment, seed=args.seed, device=args.device, progress=not args.quiet, amp=args.amp)
     result = train(config)
     first, last = result.branch_history[0]["total"], result.branch_history[-1]["total"]
     print(f"trained {len(result.branch_history)} epochs: L_branch {first:.4g} -> {last:.4g}; "

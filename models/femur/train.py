@@ -26,7 +26,7 @@ from models.femur.dataset import PAPER_ROI_SCALE, FemurDataset, RoiSliceDataset,
 from models.femur.losses import BranchLossConfig, branch_loss, hybrid_loss
 from models.femur.net import BranchedFemurNet
 from models.femur.roi import ROI_MARGIN_VOX, RoiUNet
-from models.loop import run_epochs
+from models.loop import Precision, run_epochs
 from models.planning import Compiled, compile_for_training, resolve_device
 
 __all__ = ["TrainConfig", "TrainResult", "VARIANTS", "planning_loss", "compile_model", "train_roi", "train_branch",
@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    amp: str | None = None          # None (fp32), "bf16" or "fp16" autocast, for both stages
 
     def __post_init__(self) -> None:
         if (self.patch_size is None) == (self.roi_scale is None):
@@ -113,9 +114,12 @@ def planning_loss(config: BranchLossConfig) -> Callable[[tuple], torch.Tensor]:
 
 
 def compile_model(model: nn.Module, input_shape: Sequence[int], budget: str | int | None, *,
-                  loss: BranchLossConfig = BranchLossConfig(), device: str | torch.device = "cpu") -> Compiled:
-    """``model`` planned by memplan (with L_branch) for inputs of ``input_shape`` (traced on meta tensors)."""
-    return compile_for_training(model, tuple(input_shape), loss_fn=planning_loss(loss), budget=budget, device=device)
+                  loss: BranchLossConfig = BranchLossConfig(), device: str | torch.device = "cpu",
+                  amp: str | None = None) -> Compiled:
+    """``model`` planned by memplan (with L_branch, in ``amp``) for inputs of ``input_shape`` (traced on meta
+    tensors)."""
+    return compile_for_training(model, tuple(input_shape), loss_fn=planning_loss(loss), budget=budget, device=device,
+                                amp=amp)
 
 
 def _loader(dataset, batch_size: int, seed: int) -> DataLoader:
@@ -132,13 +136,14 @@ def train_roi(config: TrainConfig) -> tuple[RoiUNet, list[float]]:
     model = RoiUNet(2, 1, 2, channels=config.roi_channels).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     loader = _loader(data, 8, config.seed)
+    precision = Precision(config.amp, device)
 
     def step(batch) -> dict[str, float]:
         image, labels = (t.to(device) for t in batch)
-        loss = hybrid_loss(torch.softmax(model(image), dim=1), labels, config.loss.theta, batch_dice=True)
+        with precision.autocast():
+            loss = hybrid_loss(torch.softmax(model(image), dim=1), labels, config.loss.theta, batch_dice=True)
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        precision.backward(loss, opt)
         return {"loss": loss.item()}
 
     model.train()
@@ -148,15 +153,19 @@ def train_roi(config: TrainConfig) -> tuple[RoiUNet, list[float]]:
 
 
 def _adversarial_terms(outputs, batch, disc: nn.Module, disc_opt: torch.optim.Optimizer,
-                       num_classes: int) -> tuple[torch.Tensor, float]:
-    """One D_pair step on (real, detached fake); returns the generator's L_gan and D's loss."""
-    fake = make_pair(*outputs)
-    real = real_pair(batch["labels"], batch["heatmaps"], num_classes)
-    d_loss = discriminator_loss(disc(real), disc(fake.detach()))
+                       num_classes: int, precision: Precision | None = None) -> tuple[torch.Tensor, float]:
+    """One D_pair step on (real, detached fake), forward under ``precision``'s autocast; returns the
+    generator's L_gan and D's loss."""
+    precision = precision or Precision(None, "cpu")
+    with precision.autocast():
+        fake = make_pair(*outputs)
+        real = real_pair(batch["labels"], batch["heatmaps"], num_classes)
+        d_loss = discriminator_loss(disc(real), disc(fake.detach()))
     disc_opt.zero_grad()
-    d_loss.backward()
-    disc_opt.step()
-    return generator_adversarial_loss(disc(fake)), d_loss.item()
+    precision.backward(d_loss, disc_opt)
+    with precision.autocast():
+        g_adv = generator_adversarial_loss(disc(fake))
+    return g_adv, d_loss.item()
 
 
 def make_dataset(config: TrainConfig) -> FemurDataset:
@@ -181,7 +190,8 @@ def train_branch(config: TrainConfig, dataset: FemurDataset | None = None, *,
     disc = PairDiscriminator(3, model.config.out_channels + 2, channels=config.disc_channels).to(device)
     step_model, plan = model, None
     if config.compile:
-        compiled = compile_model(model, (config.batch_size, 1, *grid), config.budget, loss=config.loss, device=device)
+        compiled = compile_model(model, (config.batch_size, 1, *grid), config.budget, loss=config.loss, device=device,
+                                 amp=config.amp)
         step_model, plan = compiled.module, compiled.plan
         name = {"seg": "Unet-S", "loc": "Unet-L"}.get(config.branches, "BRNDC" if config.cross else "BRN")
         log(f"femur network ({name}), input "
@@ -189,21 +199,23 @@ def train_branch(config: TrainConfig, dataset: FemurDataset | None = None, *,
     opts = (torch.optim.Adam(model.parameters(), lr=config.lr), torch.optim.Adam(disc.parameters(), lr=config.lr))
     loader = _loader(data, config.batch_size, config.seed)
     state = {"epoch": 0}
+    precision, disc_precision = Precision(config.amp, device), Precision(config.amp, device)   # a scaler each
 
     def step(batch) -> dict[str, float]:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        outputs = step_model(batch["image"])
-        terms = branch_loss(outputs, batch["labels"], batch["heatmaps"], config.loss)
+        with precision.autocast():
+            outputs = step_model(batch["image"])
+            terms = branch_loss(outputs, batch["labels"], batch["heatmaps"], config.loss)
         loss = terms.total
         parts = {"loss": terms.total.item(), "total": terms.total.item(), "hybrid": terms.hybrid.item(),
                  "reg": terms.reg.item(), "cd": terms.cd.item()}
         if config.schedule.is_adversarial(state["epoch"]):
-            g_adv, parts["d"] = _adversarial_terms(outputs, batch, disc, opts[1], model.config.out_channels)
+            g_adv, parts["d"] = _adversarial_terms(outputs, batch, disc, opts[1], model.config.out_channels,
+                                                   disc_precision)
             loss = loss + config.schedule.adv_weight * g_adv
             parts["gan"] = g_adv.item()
         opts[0].zero_grad()
-        loss.backward()
-        opts[0].step()
+        precision.backward(loss, opts[0])
         return parts
 
     history: list[dict[str, float]] = []

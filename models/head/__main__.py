@@ -45,7 +45,7 @@ def _train(args) -> int:
     config = TrainConfig(data_dir=Path(args.data), out_dir=Path(args.out), input_size=args.input_size, net=net,
                          levels=args.levels, epochs=args.epochs, lr=args.lr, budget=args.budget,
                          augment=None if args.no_augment else AugmentConfig(), seed=args.seed, device=args.device,
-                         progress=not args.quiet)
+                         progress=not args.quiet, amp=args.amp)
     for result in train(config):
         losses = result.epoch_losses
         print(f"level {result.level}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, saved {result.checkpoint}")

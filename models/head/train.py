@@ -24,7 +24,7 @@ from models.head.autocontext import PAPER_LEVELS, AutoContext, context_input, fo
 from models.head.dataset import HeadDataset
 from models.head.losses import PAPER_AUX_WEIGHTS, DeepSupervisionLoss
 from models.head.net import PAPER_CONFIG, PAPER_INPUT_SIZE, HeadNetConfig, USegNetHAS
-from models.loop import run_epochs
+from models.loop import Precision, run_epochs
 from models.planning import Compiled, compile_for_training, resolve_device
 
 __all__ = ["TrainConfig", "LevelResult", "compile_level", "planning_loss", "level_input", "train_step",
@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    amp: str | None = None                            # None (fp32), "bf16" or "fp16" autocast
 
     def __post_init__(self) -> None:
         if self.levels < 1 or self.epochs < 1:
@@ -95,10 +96,11 @@ def planning_loss(aux_weights: Sequence[float]) -> Callable[[tuple], torch.Tenso
 
 
 def compile_level(model: nn.Module, input_size: Sequence[int], budget: int | str | None, *,
-                  aux_weights: Sequence[float] = PAPER_AUX_WEIGHTS, device: str | torch.device = "cpu") -> Compiled:
-    """The memplan-compiled training module of one level (batch 1, one channel), planned with Eq. 2."""
+                  aux_weights: Sequence[float] = PAPER_AUX_WEIGHTS, device: str | torch.device = "cpu",
+                  amp: str | None = None) -> Compiled:
+    """The memplan-compiled training module of one level (batch 1, one channel), planned with Eq. 2 in ``amp``."""
     return compile_for_training(model, (1, 1, *input_size), loss_fn=planning_loss(aux_weights), budget=budget,
-                                device=device)
+                                device=device, amp=amp)
 
 
 @torch.no_grad()
@@ -118,12 +120,14 @@ def level_input(previous: Sequence[nn.Module], volume: torch.Tensor) -> torch.Te
 
 
 def train_step(compiled: nn.Module, loss_fn: DeepSupervisionLoss, optimizer: torch.optim.Optimizer,
-               image: torch.Tensor, labels: torch.Tensor) -> float:
-    """One step: forward the compiled module, deep-supervision loss, backward, update; returns the loss."""
+               image: torch.Tensor, labels: torch.Tensor, precision: Precision | None = None) -> float:
+    """One step: forward the compiled module and the deep-supervision loss (under ``precision``'s
+    autocast), backward, update; returns the loss."""
+    precision = precision or Precision(None, image.device)
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(compiled(image), labels)
-    loss.backward()
-    optimizer.step()
+    with precision.autocast():
+        loss = loss_fn(compiled(image), labels)
+    precision.backward(loss, optimizer)
     return float(loss.detach())
 
 
@@ -152,7 +156,8 @@ def train_level(level: int, previous: Sequence[nn.Module], dataset: HeadDataset,
     model = USegNetHAS.from_config(config.net).to(device)
     model.check_input_shape(config.input_size)
     compiled = compile_level(model, config.input_size, config.budget, aux_weights=config.resolved_aux_weights,
-                             device=device)
+                             device=device, amp=config.amp)
+    precision = Precision(config.amp, device)
     log(f"head level {level}/{config.levels}, input 1x1x{'x'.join(map(str, config.input_size))}\n{compiled.summary}")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas,
                                  weight_decay=config.weight_decay)
@@ -167,7 +172,8 @@ def train_level(level: int, previous: Sequence[nn.Module], dataset: HeadDataset,
 
     def step(batch) -> dict[str, float]:
         image, labels = (t.to(device) for t in _sample(dataset, batch["index"], rng, config.augment))
-        return {"loss": train_step(compiled.module, loss_fn, optimizer, level_input(previous, image), labels)}
+        return {"loss": train_step(compiled.module, loss_fn, optimizer, level_input(previous, image), labels,
+                                   precision)}
 
     losses: list[float] = []
 

@@ -78,7 +78,7 @@ def train_config(args) -> TrainConfig:
                        convs=args.convs, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                        budget=chosen.get("budget"), rev=bool(chosen.get("rev", False)), device=args.device,
                        augment=not args.no_augment, seed=args.seed, progress=not args.quiet,
-                       scale_ratio=chosen.get("scale_ratio"), val_fraction=args.val_fraction)
+                       scale_ratio=chosen.get("scale_ratio"), val_fraction=args.val_fraction, amp=args.amp)
 
 
 def _run_train(args) -> int:

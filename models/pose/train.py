@@ -27,7 +27,7 @@ from models.augment import AugmentConfig
 from models.checkpoint import Checkpoint, load_checkpoint_file, save_checkpoint
 from models.data import list_cases
 from models.errors import ClientError
-from models.loop import run_epochs
+from models.loop import Precision, run_epochs
 from models.planning import Compiled, compile_for_training, resolve_device
 from models.pose.dataset import PoseDataset, fetusmap_augmentation, v2_augmentation
 from models.pose.heatmaps import decode_argmax
@@ -109,6 +109,7 @@ class TrainConfig:
     progress: bool = True
     scale_ratio: float | None = None
     val_fraction: float = 0.0
+    amp: str | None = None          # None (fp32), "bf16" or "fp16" autocast
 
     def __post_init__(self) -> None:
         _variant(self.variant)
@@ -146,14 +147,16 @@ def planning_loss(variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def compile_detector(model: nn.Module, input_shape: Sequence[int], *, budget: str | int | None = None,
                      rev: bool = False, device: str | torch.device = "cpu", variant: str = "v2",
-                     plan: Any = None) -> nn.Module:
-    """The memplan-compiled training module of ``model`` for inputs of ``input_shape`` (B, 1, X, Y, Z)."""
-    return _compile(model, input_shape, budget=budget, rev=rev, device=device, variant=variant, plan=plan).module
+                     plan: Any = None, amp: str | None = None) -> nn.Module:
+    """The memplan-compiled training module of ``model`` for inputs of ``input_shape`` (B, 1, X, Y, Z),
+    planned for ``amp`` autocast (None: fp32)."""
+    return _compile(model, input_shape, budget=budget, rev=rev, device=device, variant=variant, plan=plan,
+                    amp=amp).module
 
 
-def _compile(model, input_shape, *, budget, rev, device, variant, plan=None) -> Compiled:
+def _compile(model, input_shape, *, budget, rev, device, variant, plan=None, amp=None) -> Compiled:
     return compile_for_training(model, tuple(input_shape), loss_fn=planning_loss(variant), budget=budget, rev=rev,
-                                device=device, plan=plan)
+                                device=device, plan=plan, amp=amp)
 
 
 def split_cases(config: TrainConfig) -> tuple[list[str], list[str]]:
@@ -202,7 +205,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
                         generator=torch.Generator().manual_seed(config.seed))
     model = build_model(config.variant, channels=config.channels, depth=config.depth, convs=config.convs).to(device)
     compiled = _compile(model, (config.batch_size, 1, *grid), budget=config.budget, rev=config.rev, device=device,
-                        variant=config.variant)
+                        variant=config.variant, amp=config.amp)
+    precision = Precision(config.amp, device)
     log(f"{v.name} detector, input {config.batch_size}x1x{'x'.join(map(str, grid))}\n{compiled.summary}")
     optimizer = torch.optim.Adam(compiled.module.parameters(), lr=config.resolved_lr, betas=(0.5, 0.999))
     loss_fn = v.loss()
@@ -213,10 +217,10 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
 
     def step(batch) -> dict[str, float]:
         image, target = batch["image"].to(device), batch["heatmaps"].to(device)
-        loss = loss_fn(compiled.module(image), target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            loss = loss_fn(compiled.module(image), target)
+        precision.backward(loss, optimizer)
         return {"loss": loss.item()}
 
     def on_epoch(epoch: int, means: dict[str, float]) -> None:
@@ -258,7 +262,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, T
         with warnings.catch_warnings():               # "new blocks start from fresh weights": the trained ones load next
             warnings.filterwarnings("ignore", message="memplan plan replaces", category=UserWarning)
             compiled = compile_detector(model, (config.batch_size, 1, *grid), plan=ckpt.plans["detector"],
-                                        variant=config.variant)
+                                        variant=config.variant, amp=config.amp)
         compiled.load_state_dict(ckpt.compiled["detector"])          # strict: a different substitution fails here
         return compiled.to(device), config
     return model.to(device), config
