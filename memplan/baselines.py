@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import replace
 
-from .calibrate import bytes_pair, rated, simulated_peak
+from .calibrate import bytes_pair, rated, simulated_peak, vanilla_peak
 from .costmodel import build_costs, chain_cost, node_scratch
 from .errors import BudgetError, MemplanError
 from .graph import MemGraph
@@ -74,7 +74,7 @@ def _chain_plan(graph: MemGraph, options: PlanOptions, chain: list[int], *, obje
                 lower_set_count=None, fingerprint=graph.fingerprint(), optimizer=options.optimizer.value,
                 static_bytes=costs.static_bytes, planning_time_s=0.0, notes=graph.trace_notes)
     if options.simulate:
-        plan = rated(graph, plan, options, simulated_peak(graph.original_gm, options))
+        plan = rated(graph, plan, options, vanilla_peak(graph, options))
     reach = plan.simulated_peak_bytes if plan.simulated_peak_bytes is not None else plan.predicted_peak_bytes
     if options.budget_bytes is not None and reach > options.budget_bytes:
         b_text, f_text = bytes_pair(options.budget_bytes, reach)

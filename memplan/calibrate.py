@@ -48,6 +48,22 @@ def simulated_peak(module: nn.Module, options: PlanOptions) -> int:
     return simulate_step(module, options.example_inputs, **options.step_kwargs()).peak_bytes
 
 
+def vanilla_peak(graph: MemGraph, options: PlanOptions) -> int:
+    """Simulated peak of the unplanned network's step; MemplanError when that step itself cannot run
+    backward (an in-place op overwrote a tensor autograd saved), which no plan could change."""
+    try:
+        return simulated_peak(graph.original_gm, options)
+    except RuntimeError as err:
+        if "modified by an inplace operation" not in str(err):
+            raise
+        raise MemplanError(f"the network cannot train as written: its own backward fails in autograd's "
+                           f"version check ({str(err).split('. Hint')[0]}); an in-place op (e.g. an "
+                           "nn.ReLU(inplace=True) right after an op that saves its result, such as tanh, "
+                           "sigmoid or another in-place activation) overwrites a tensor backward needs.\n"
+                           "Fix: make that op out-of-place (inplace=False); the plain model raises the same "
+                           "error in a training loop") from None
+
+
 def rated(graph: MemGraph, plan: Plan, options: PlanOptions, vanilla: int | None) -> Plan:
     """``plan`` with its simulated peak (and the unplanned network's) filled in."""
     return with_simulation(plan, simulated_peak(rewrite(graph, plan), options), vanilla)
@@ -56,7 +72,7 @@ def rated(graph: MemGraph, plan: Plan, options: PlanOptions, vanilla: int | None
 def fit_to_budget(planner: CostPlanner, graph: MemGraph, options: PlanOptions) -> Plan:
     """The planner's plan checked by simulation; under ``options.budget_bytes`` the least recompute whose
     simulated step fits, else BudgetError naming the least-memory plan's simulated peak."""
-    vanilla = simulated_peak(graph.original_gm, options)
+    vanilla = vanilla_peak(graph, options)
     budget = options.budget_bytes
     if budget is None:
         return rated(graph, planner(graph, options), options, vanilla)

@@ -58,6 +58,12 @@ def no_params() -> nn.Module:
     return nn.Sequential(nn.ReLU(), nn.MaxPool3d(2))
 
 
+def untrainable() -> nn.Module:
+    """tanh saves its result; the in-place ReLU after it overwrites it, so the plain net's backward fails."""
+    with torch.random.fork_rng():
+        return nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.Tanh(), nn.ReLU(inplace=True))
+
+
 def value_branch() -> nn.Module:
     """tests.nets.ValueBranch (an `if` on x.sum()), built without touching the global RNG."""
     with torch.random.fork_rng():
@@ -161,6 +167,10 @@ CASES: list[tuple[str, Callable[[World], object], type, tuple[str, ...]]] = [
     ("simulate a value branch", lambda w: memplan.simulate_step(value_branch(), w.x), MemplanError,
      (r"ValueBranch reads tensor values in forward at .*tests/nets\.py:\d+", "measure the step for real")),
     # -- nothing to train ------------------------------------------------------------------------------
+    ("plan a net whose own backward fails", lambda w: memplan.plan(untrainable(), w.x), MemplanError,
+     (r"cannot train as written.*output 0 of Tanh, is at version 1", r"inplace=False")),
+    ("compile a net whose own backward fails", lambda w: memplan.compile(untrainable(), w.x), MemplanError,
+     (r"modified by an inplace operation", r"Fix: make that op out-of-place")),
     ("plan no parameters", lambda w: memplan.plan(no_params(), w.x), MemplanError,
      ("Sequential has nothing to train: it has no parameters", r"requires_grad=True")),
     ("compile frozen", lambda w: memplan.compile(frozen(w), w.x), MemplanError,
