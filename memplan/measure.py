@@ -306,19 +306,17 @@ def _bf16_pointwise_copies(cv: _Conv, threads: int) -> int:
 def _bf16_weight_grad(cv: _Conv, threads: int) -> int:
     """Peak bytes of oneDNN's bf16 weight-gradient kernel on AVX512-BF16 (beyond what is live around it).
 
-    C_in < 16 (not 1x1x1) or a kernel wider than the input: a gemm kernel beside the plain weight
-    gradient, with a depth slice of bf16 columns per working thread (min(batch, threads)) and
-    2 * workers + 2 fp32 weight copies, plus 512 B + 4 B per output channel. Else a blocked one: b(x),
-    b(gy), b(w) and, per thread splitting the batch (all of them when C_in <= 16 or batch * out depth
-    > 8, else one), an fp32
-    weight accumulator and bf16 transposed copies of one sample's input (W padded) and output gradient
-    (a 1x1x1 kernel over more than 512 voxels transposes nothing), plus 8,580 B (600 for 1x1x1) and
-    8,192 B per other thread. Measured to within 256 B at 1 and 2 threads on 1x1x1 and 3x3x3 kernels,
-    4-64 channels, 8^3-16^3."""
+    C_in < 16 (not 1x1x1): a gemm kernel (unlike fp32, not for a kernel wider than the input) beside
+    the plain weight gradient, with a depth slice of bf16 columns per working thread (min(batch,
+    threads)) and 2 * workers + 2 fp32 weight copies, plus 512 B + 4 B per output channel. Else a
+    blocked one: b(x), b(gy), b(w) and, per thread splitting the batch (all of them when C_in <= 16 or batch * out depth
+    > 8, else one), an fp32 weight accumulator and bf16 transposed copies of one sample's input (W
+    padded) and output gradient (a 1x1x1 kernel over more than 512 voxels transposes nothing), plus
+    8,580 B (600 for 1x1x1) and 8,192 B per other thread (per thread but one for 1x1x1). Measured to
+    within 256 B at 1 and 2 threads on 1x1x1 and 3x3x3 kernels, 4-64 channels, 2^3-16^3."""
     w_sz = cv.c_out * cv.c_in * math.prod(cv.k) * cv.esize
     b_sz = cv.c_out * cv.esize
-    wider = any(cv.k[i] > cv.spatial[i] for i in range(3))
-    if wider or (cv.c_in < 16 and not cv.pointwise):
+    if cv.c_in < 16 and not cv.pointwise:
         workers = min(cv.n, threads)
         cols = cv.c_in * math.prod(cv.k) * math.prod(cv.out[1:]) * cv.esize
         s = workers * cols + (2 * workers + 2) * (w_sz // cv.esize) * 4 + 512 + 4 * cv.c_out
@@ -331,8 +329,8 @@ def _bf16_weight_grad(cv: _Conv, threads: int) -> int:
         tr = (_block16(cv.c_in) * math.prod(cv.spatial[:2]) * (cv.spatial[2] + pad_w)
               + _block16(cv.c_out) * math.prod(cv.out)) * cv.esize
     nthr_mb = threads if cv.c_in <= 16 or cv.n * cv.out[0] > 8 else 1
-    s = nthr_mb * (w_f32 + tr + 4 * cv.c_out) + (600 if cv.pointwise else 8_580) + 8_192 * (threads - nthr_mb
-                                                                                        if not cv.pointwise else threads - 1)
+    idle = threads - 1 if cv.pointwise else threads - nthr_mb
+    s = nthr_mb * (w_f32 + tr + 4 * cv.c_out) + (600 if cv.pointwise else 8_580) + 8_192 * idle
     x_b, y_b, w_b = cv.act(_block16(cv.c_in), cv.spatial), cv.act(_block16(cv.c_out), cv.out), _onednn_weights(cv)
     return max(x_b + y_b + w_b + s + b_sz, w_b + w_sz + 2 * b_sz)
 

@@ -228,7 +228,7 @@ def _no_bn_scratch(monkeypatch):
 
 
 def _legacy_conv(monkeypatch):   # the model before these rules: every plain conv through _onednn_legacy
-    monkeypatch.setattr(measure, "_onednn_forward", lambda cv: measure._onednn_legacy(cv, False, True))
+    monkeypatch.setattr(measure, "_onednn_forward", lambda cv, threads: measure._onednn_legacy(cv, False, True))
     monkeypatch.setattr(measure, "_onednn_backward", lambda cv, t, gi: measure._onednn_legacy(cv, True, gi))
 
 
@@ -238,7 +238,8 @@ SCRATCH_RULES = {   # rule -> (net, input shape, how to take the rule out)
     "blocked weight gradient, no reduction": (lambda: nn.Conv3d(32, 32, 3, padding=1), (2, 32, 8, 8, 8), _legacy_conv),
     "gemm weight gradient (kernel wider than input)": (lambda: nn.Conv3d(16, 16, 3, padding=1), (2, 16, 2, 2, 2),
                                                        _legacy_conv),
-    "strided data-gradient scratch": (lambda: nn.Conv3d(16, 16, 3, stride=2, padding=1), (2, 16, 4, 4, 4), _legacy_conv),
+    "strided data-gradient scratch": (lambda: nn.Conv3d(16, 16, 3, stride=2, padding=1), (2, 16, 4, 4, 4),
+                                      _legacy_conv),
     "first layer (C_in < 4) reads x in place": (lambda: nn.Conv3d(1, 8, 3, padding=1), (2, 1, 8, 8, 8), _legacy_conv),
     "batch-norm backward temporary": (lambda: nn.Sequential(nn.BatchNorm3d(8), nn.Tanh(), nn.BatchNorm3d(8), nn.Tanh()),
                                       (1, 8, 16, 16, 16), _no_bn_scratch),
@@ -265,3 +266,36 @@ def test_each_scratch_rule_matches_the_profiler_and_is_needed(rule, monkeypatch,
     remove(monkeypatch)
     without = memplan.simulate_step(net, x, optimizer="sgd").peak_bytes
     assert abs(without - measured) > 0.02 * measured, (without, measured)
+
+
+# -- bf16 under CPU autocast on AVX512-BF16 (no AMX): each rule, sim vs profiler, and needed --------
+def _fp32_weight_grad(monkeypatch):
+    monkeypatch.setattr(measure, "_bf16_weight_grad", measure._onednn_weight_grad)
+
+
+def _no_pointwise_copies(monkeypatch):
+    monkeypatch.setattr(measure, "_bf16_pointwise_copies", lambda cv, threads: 0)
+
+
+BF16_RULES = {   # rule -> (net, input shape, how to take the rule out)
+    "1x1x1 fp32 input copies": (lambda: nn.Conv3d(16, 16, 1), (1, 16, 16, 16, 16), _no_pointwise_copies),
+    "blocked weight gradient, transposed copies": (lambda: nn.Conv3d(16, 16, 3, padding=1), (1, 16, 16, 16, 16),
+                                                   _fp32_weight_grad),
+    "gemm weight gradient (C_in < 16)": (lambda: nn.Conv3d(4, 4, 3, padding=1), (2, 4, 8, 8, 8), _fp32_weight_grad),
+    "blocked weight gradient, kernel wider than input": (lambda: nn.Conv3d(32, 32, 3, padding=1), (1, 32, 2, 2, 2),
+                                                         _fp32_weight_grad),
+}
+
+
+@pytest.mark.skipif(measure.cpu_has_amx(), reason="the bf16 rules model AVX512-BF16 kernels; AMX ones differ")
+@pytest.mark.parametrize("rule", list(BF16_RULES))
+def test_each_bf16_scratch_rule_matches_the_profiler_and_is_needed(rule, monkeypatch, two_threads):
+    build, shape, remove = BF16_RULES[rule]
+    torch.manual_seed(0)
+    net, x = build(), torch.randn(shape)
+    measured = memplan.measure_step(net, x, optimizer="sgd", amp="bf16").peak_bytes
+    predicted = memplan.simulate_step(net, x, optimizer="sgd", amp="bf16").peak_bytes
+    assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)
+    remove(monkeypatch)
+    without = memplan.simulate_step(net, x, optimizer="sgd", amp="bf16").peak_bytes
+    assert abs(without - measured) > 0.03 * measured, (without, measured)
