@@ -267,7 +267,8 @@ def _onednn_forward(cv: _Conv, threads: int = 1) -> int:
     y_sz = cv.act(cv.c_out, cv.out)
     x_b = cv.act(_block16(cv.c_in), cv.spatial) if cv.c_in >= 16 or cv.pointwise else 0
     y_b = cv.act(_block16(cv.c_out), cv.out)
-    return max(_bf16_pointwise_copies(cv, threads) + x_b + _onednn_weights(cv) + y_b, y_b + y_sz) - y_sz
+    copies = _bf16_pointwise_copies(cv, threads, cv.c_out)
+    return max(copies + x_b + _onednn_weights(cv) + y_b, y_b + y_sz) - y_sz
 
 
 def _onednn_weight_grad(cv: _Conv, threads: int) -> int:
@@ -295,35 +296,40 @@ def _onednn_weight_grad(cv: _Conv, threads: int) -> int:
     return max(x_b + cv.act(_block16(cv.c_out), cv.out) + w_b + reduction + b_sz, w_b + w_sz + 2 * b_sz)
 
 
-def _bf16_pointwise_copies(cv: _Conv, threads: int) -> int:
-    """A bf16 1x1x1 oneDNN kernel (forward and data gradient) first makes one fp32 copy of the blocked
-    input per thread, plus 128 B (measured at 1 and 2 threads, 8^3 and 16^3, batch 1 and 2)."""
+def _bf16_pointwise_copies(cv: _Conv, threads: int, channels: int) -> int:
+    """A bf16 1x1x1 oneDNN kernel first makes an fp32 buffer of its blocked result per thread (the
+    output forward, ``channels`` = C_out; the input gradient backward, C_in), plus 128 B (measured at
+    1 and 2 threads, 8^3-16^3, batch 1 and 2, 2-384 channels)."""
     if cv.esize != 2 or not cv.pointwise:
         return 0
-    return threads * _block16(cv.c_in) * math.prod(cv.spatial) * 4 + 128
+    return threads * _block16(channels) * math.prod(cv.spatial) * 4 + 128
 
 
 def _bf16_weight_grad(cv: _Conv, threads: int) -> int:
     """Peak bytes of oneDNN's bf16 weight-gradient kernel on AVX512-BF16 (beyond what is live around it).
 
-    C_in < 16 (not 1x1x1): a gemm kernel (unlike fp32, not for a kernel wider than the input) beside
+    C_in and C_out < 16 (not 1x1x1): a gemm kernel (unlike fp32, not for a kernel wider than the input) beside
     the plain weight gradient, with a depth slice of bf16 columns per working thread (min(batch,
     threads)) and 2 * workers + 2 fp32 weight copies, plus 512 B + 4 B per output channel. Else a
     blocked one: b(x), b(gy), b(w) and, per thread splitting the batch (all of them when C_in <= 16 or batch * out depth
     > 8, else one), an fp32 weight accumulator and bf16 transposed copies of one sample's input (W
-    padded) and output gradient (a 1x1x1 kernel over more than 512 voxels transposes nothing), plus
+    padded; none when C_in < 16, x read in place and the fp32 weights unpadded) and output gradient
+    (a 1x1x1 kernel over 16^3 voxels or more transposes nothing), plus
     8,580 B (600 for 1x1x1) and 8,192 B per other thread (per thread but one for 1x1x1). Measured to
     within 256 B at 1 and 2 threads on 1x1x1 and 3x3x3 kernels, 4-64 channels, 2^3-16^3."""
     w_sz = cv.c_out * cv.c_in * math.prod(cv.k) * cv.esize
     b_sz = cv.c_out * cv.esize
-    if cv.c_in < 16 and not cv.pointwise:
+    if cv.c_in < 16 and cv.c_out < 16 and not cv.pointwise:
         workers = min(cv.n, threads)
         cols = cv.c_in * math.prod(cv.k) * math.prod(cv.out[1:]) * cv.esize
         s = workers * cols + (2 * workers + 2) * (w_sz // cv.esize) * 4 + 512 + 4 * cv.c_out
         return max(w_sz + s + b_sz, 2 * w_sz) + 2 * b_sz
-    w_f32 = _block16(cv.c_out) * _block16(cv.c_in) * math.prod(cv.k) * 4
-    if cv.pointwise and math.prod(cv.spatial) > 512:
+    first_layer = cv.c_in < 16 and not cv.pointwise      # x read in place: no transposed input copy
+    w_f32 = _block16(cv.c_out) * (cv.c_in if first_layer else _block16(cv.c_in)) * math.prod(cv.k) * 4
+    if cv.pointwise and math.prod(cv.spatial) >= 4096:
         tr = 0
+    elif first_layer:
+        tr = _block16(cv.c_out) * math.prod(cv.out) * cv.esize
     else:
         pad_w = cv.out[2] - cv.spatial[2] + cv.k[2] - 1          # both sides of W (stride 1)
         tr = (_block16(cv.c_in) * math.prod(cv.spatial[:2]) * (cv.spatial[2] + pad_w)
@@ -331,7 +337,8 @@ def _bf16_weight_grad(cv: _Conv, threads: int) -> int:
     nthr_mb = threads if cv.c_in <= 16 or cv.n * cv.out[0] > 8 else 1
     idle = threads - 1 if cv.pointwise else threads - nthr_mb
     s = nthr_mb * (w_f32 + tr + 4 * cv.c_out) + (600 if cv.pointwise else 8_580) + 8_192 * idle
-    x_b, y_b, w_b = cv.act(_block16(cv.c_in), cv.spatial), cv.act(_block16(cv.c_out), cv.out), _onednn_weights(cv)
+    x_b = 0 if first_layer else cv.act(_block16(cv.c_in), cv.spatial)
+    y_b, w_b = cv.act(_block16(cv.c_out), cv.out), _onednn_weights(cv)
     return max(x_b + y_b + w_b + s + b_sz, w_b + w_sz + 2 * b_sz)
 
 
@@ -350,8 +357,8 @@ def _onednn_backward(cv: _Conv, threads: int, grad_input: bool) -> int:
     phases = [(x_sz if grad_input else 0) + weight_grad]
     if grad_input:
         strided = ONEDNN_STRIDED_FIXED_B + threads * ONEDNN_STRIDED_PER_THREAD_B if cv.strided else 0
-        phases += [y_b + _onednn_weights(cv, backward_data=True) + gx_b + strided + _bf16_pointwise_copies(cv, threads),
-                   gx_b + x_sz]
+        copies = _bf16_pointwise_copies(cv, threads, cv.c_in)
+        phases += [y_b + _onednn_weights(cv, backward_data=True) + gx_b + strided + copies, gx_b + x_sz]
         if cv.strided and cv.c_in >= 16:
             phases.append(x_sz + gx_b + gx_b)
     return max(0, max(phases) - outputs)
