@@ -3,12 +3,15 @@
 A step is what an ordinary training loop does: zero_grad(set_to_none) -> ``out = model(x)`` ->
 ``loss = loss_fn(out)`` -> backward -> optimizer.step(), run twice so the optimizer state of a
 steady-state step is included; ``out`` stays alive through backward until the next step replaces it
-(``keep_output=False``: dropped once the loss is built), under autocast when ``amp`` is set. ``simulate_step`` runs it on a meta copy
-under a dispatch mode that sums the bytes of every live storage after each ATen op (exact for
-tensor lifetimes; sees storages resized in place). It adds the transient scratch buffers kernels
-allocate and free inside one op (CPU convolution unfold / oneDNN reorder buffers), which tensor
-tracking cannot see, from a model of those kernels (``scratch="cpu"``). ``measure_step`` runs the
-step for real: the CPU profiler's allocator events, or CUDA's max_memory_allocated.
+(``keep_output=False``: dropped once the loss is built), under autocast when ``amp`` is set.
+``simulate_step`` runs it on a meta copy under a dispatch mode that sums the bytes of every live
+storage after each ATen op (exact for tensor lifetimes; sees storages resized in place; autocast's
+cached weight casts included). It adds the transient scratch buffers kernels allocate and free
+inside one op (CPU convolution unfold / oneDNN blocked copies and weight-gradient buffers, batch
+norm's backward temporary), which tensor tracking cannot see, from a model of those kernels read off
+the profiler (``scratch="cpu"``; shapes, dtypes and threads only, bf16 as on AVX512-BF16 CPUs).
+``measure_step`` runs the step for real: the CPU profiler's allocator events, or CUDA's
+max_memory_allocated.
 
 Beyond tensors, the simulation counts what checkpoint saves outside the dispatcher: the CPU generator
 state ``preserve_rng_state`` keeps per recomputed segment (5,056 B, plus one more while a segment is
@@ -308,18 +311,20 @@ def _bf16_pointwise_copies(cv: _Conv, threads: int, channels: int) -> int:
 def _bf16_weight_grad(cv: _Conv, threads: int) -> int:
     """Peak bytes of oneDNN's bf16 weight-gradient kernel on AVX512-BF16 (beyond what is live around it).
 
-    C_in and C_out < 16 (not 1x1x1): a gemm kernel (unlike fp32, not for a kernel wider than the input) beside
-    the plain weight gradient, with a depth slice of bf16 columns per working thread (min(batch,
-    threads)) and 2 * workers + 2 fp32 weight copies, plus 512 B + 4 B per output channel. Else a
-    blocked one: b(x), b(gy), b(w) and, per thread splitting the batch (all of them when C_in <= 16 or batch * out depth
-    > 8, else one), an fp32 weight accumulator and bf16 transposed copies of one sample's input (W
-    padded; none when C_in < 16, x read in place and the fp32 weights unpadded) and output gradient
-    (a 1x1x1 kernel over 16^3 voxels or more transposes nothing), plus
-    8,580 B (600 for 1x1x1) and 8,192 B per other thread (per thread but one for 1x1x1). Measured to
-    within 256 B at 1 and 2 threads on 1x1x1 and 3x3x3 kernels, 4-64 channels, 2^3-16^3."""
+    C_in < 16 (not 1x1x1) with C_out < 16 or a kernel wider than 7 (measured: 7 blocked, 16 gemm): a
+    gemm kernel (unlike fp32, not for a kernel wider than the input) beside the plain weight
+    gradient, with a depth slice of bf16 columns per working thread (min(batch, threads)) and
+    2 * workers + 2 fp32 weight copies, plus 512 B + 4 B per output channel. Else a blocked one: b(x),
+    b(gy), b(w) and, per thread splitting the batch (all of them when C_in <= 16 or batch * out depth
+    > 8, else one: a heuristic), an fp32 weight accumulator and bf16 transposed copies of one sample's
+    input (W padded; none when C_in < 16, x read in place and the fp32 weights unpadded) and output
+    gradient (a 1x1x1 kernel over 16^3 voxels or more transposes nothing), plus 8,580 B (600 for
+    1x1x1) and 8,192 B per other thread (per thread but one for 1x1x1). Measured to within 256 B at 1
+    and 2 threads on 1x1x1 to 16^3 kernels, 1-384 channels, 2^3-24^3 (the split heuristic misses some:
+    4->32 channels at batch 2, 8^3, is 30% over)."""
     w_sz = cv.c_out * cv.c_in * math.prod(cv.k) * cv.esize
     b_sz = cv.c_out * cv.esize
-    if cv.c_in < 16 and cv.c_out < 16 and not cv.pointwise:
+    if cv.c_in < 16 and not cv.pointwise and (cv.c_out < 16 or max(cv.k) > 7):
         workers = min(cv.n, threads)
         cols = cv.c_in * math.prod(cv.k) * math.prod(cv.out[1:]) * cv.esize
         s = workers * cols + (2 * workers + 2) * (w_sz // cv.esize) * 4 + 512 + 4 * cv.c_out

@@ -284,6 +284,10 @@ BF16_RULES = {   # rule -> (net, input shape, how to take the rule out)
     "gemm weight gradient (C_in < 16)": (lambda: nn.Conv3d(4, 4, 3, padding=1), (2, 4, 8, 8, 8), _fp32_weight_grad),
     "blocked weight gradient, kernel wider than input": (lambda: nn.Conv3d(32, 32, 3, padding=1), (1, 32, 2, 2, 2),
                                                          _fp32_weight_grad),
+    "blocked weight gradient, C_in < 16 read in place": (lambda: nn.Conv3d(8, 16, 3, padding=1), (1, 8, 16, 16, 16),
+                                                         _fp32_weight_grad),
+    "gemm weight gradient, a patch embedding (kernel 16)": (lambda: nn.Conv3d(1, 24, 16, stride=16), (1, 1, 16, 16, 16),
+                                                            _fp32_weight_grad),
 }
 
 
