@@ -3,12 +3,15 @@
 A step is what an ordinary training loop does: zero_grad(set_to_none) -> ``out = model(x)`` ->
 ``loss = loss_fn(out)`` -> backward -> optimizer.step(), run twice so the optimizer state of a
 steady-state step is included; ``out`` stays alive through backward until the next step replaces it
-(``keep_output=False``: dropped once the loss is built), under autocast when ``amp`` is set. ``simulate_step`` runs it on a meta copy
-under a dispatch mode that sums the bytes of every live storage after each ATen op (exact for
-tensor lifetimes; sees storages resized in place). It adds the transient scratch buffers kernels
-allocate and free inside one op (CPU convolution unfold / oneDNN reorder buffers), which tensor
-tracking cannot see, from a model of those kernels (``scratch="cpu"``). ``measure_step`` runs the
-step for real: the CPU profiler's allocator events, or CUDA's max_memory_allocated.
+(``keep_output=False``: dropped once the loss is built), under autocast when ``amp`` is set.
+``simulate_step`` runs it on a meta copy under a dispatch mode that sums the bytes of every live
+storage after each ATen op (exact for tensor lifetimes; sees storages resized in place; autocast's
+cached weight casts included). It adds the transient scratch buffers kernels allocate and free
+inside one op (CPU convolution unfold / oneDNN blocked copies and weight-gradient buffers, batch
+norm's backward temporary), which tensor tracking cannot see, from a model of those kernels read off
+the profiler (``scratch="cpu"``; shapes, dtypes and threads only, bf16 as on AVX512-BF16 CPUs).
+``measure_step`` runs the step for real: the CPU profiler's allocator events, or CUDA's
+max_memory_allocated.
 
 Beyond tensors, the simulation counts what checkpoint saves outside the dispatcher: the CPU generator
 state ``preserve_rng_state`` keeps per recomputed segment (5,056 B, plus one more while a segment is
@@ -144,8 +147,25 @@ def run_steps(model: nn.Module, inputs: tuple, loss_fn: Callable | None, optimiz
 
 
 # -- kernel scratch model --------------------------------------------------------------------------
+# Every rule below was read off the CPU profiler's allocator events of single ops (tests/test_ruler.py
+# checks each against the profiler); they depend on shapes, dtypes and the thread count only.
+#: oneDNN's fp32 weight-gradient reduction buffer: a fixed part beside (threads - 1) weight copies
+#: (measured 20,672-21,056 B at 2 and 4 threads)
+ONEDNN_REDUCTION_FIXED_B = 20_864
+#: a strided oneDNN data-gradient kernel's scratch: fixed part, and per thread (the smallest measured;
+#: it grows with the input: 24,600 B per thread at 4^3-8^3, 57,368 at 16^3)
+ONEDNN_STRIDED_FIXED_B, ONEDNN_STRIDED_PER_THREAD_B = 12_288, 24_600
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles: oneDNN's reduced-precision kernels (and their scratch) differ
+    there from AVX512-BF16 ones, so the bf16 model depends on it (the ISA, like threads, is the machine's)."""
+    return bool(torch._C._cpu._get_cpu_capability().get("amx_tile"))
+
+
 def _conv_scratch_cpu(func, args, threads: int) -> int:
-    """Bytes a CPU 3D convolution op allocates and frees inside itself (0 for other ops)."""
+    """Bytes a CPU kernel allocates and frees inside one op: convolutions and batch norm (0 for others)."""
     name = str(func.overloadpacket)
     if name == "aten.convolution":      # (input, weight, bias, stride, padding, dilation, transposed, ...)
         return conv_scratch_bytes(args[0], args[1], args[3], args[4], bool(args[6]), int(args[8]), backward=False,
@@ -154,72 +174,249 @@ def _conv_scratch_cpu(func, args, threads: int) -> int:
         mask = args[10] if len(args) > 10 else (True, True, True)
         return conv_scratch_bytes(args[1], args[2], args[4], args[5], bool(args[7]), int(args[9]), backward=True,
                                   threads=threads, grad_input=bool(mask[0]))
+    if name == "aten.native_batch_norm_backward":
+        mask = args[9] if len(args) > 9 else (True, True, True)
+        return batch_norm_backward_scratch_bytes(args[0], args[1], train=bool(args[7]), grad_input=bool(mask[0]))
     return 0
+
+
+def batch_norm_backward_scratch_bytes(grad_out: torch.Tensor, x: torch.Tensor, *, train: bool,
+                                     grad_input: bool = True) -> int:
+    """CPU ``native_batch_norm_backward`` computing grad_input in training mode from a contiguous
+    grad_out holds one input-sized temporary (measured: exactly x's bytes); none from an expanded
+    grad_out (a ``sum`` loss's), without grad_input, or in eval mode.
+
+    >>> x = torch.empty(2, 16, 8, 8, 8, device="meta")
+    >>> batch_norm_backward_scratch_bytes(torch.empty_like(x), x, train=True)
+    65536
+    """
+    if not (train and grad_input and x.dim() >= 2 and grad_out.is_contiguous()):
+        return 0
+    return x.numel() * x.element_size()
+
+
+@dataclass(frozen=True)
+class _Conv:
+    """The geometry of one 3D convolution as its CPU kernels see it (bytes at the input's dtype)."""
+    n: int
+    c_in: int
+    c_out: int
+    k: tuple[int, ...]
+    spatial: tuple[int, ...]
+    out: tuple[int, ...]
+    esize: int
+    groups: int
+    transposed: bool
+    strided: bool
+    pointwise: bool
+
+    @staticmethod
+    def of(x: torch.Tensor, w: torch.Tensor, stride, padding, transposed: bool, groups: int) -> "_Conv":
+        spatial, k = tuple(x.shape[2:]), tuple(w.shape[2:])
+        if transposed:
+            c_out = w.shape[1] * groups
+            out = tuple((spatial[i] - 1) * stride[i] - 2 * padding[i] + k[i] for i in range(3))
+        else:
+            c_out = w.shape[0]
+            out = tuple((spatial[i] + 2 * padding[i] - k[i]) // stride[i] + 1 for i in range(3))
+        pointwise = all(v == 1 for v in k) and all(v == 1 for v in stride) and not any(padding)
+        return _Conv(x.shape[0], x.shape[1], c_out, k, spatial, out, x.element_size(), groups, transposed,
+                     any(s > 1 for s in stride), pointwise)
+
+    def act(self, c: int, vox: tuple[int, ...]) -> int:
+        """Bytes of an activation with ``c`` channels over ``vox``."""
+        return self.n * c * math.prod(vox) * self.esize
+
+
+def _block16(c: int) -> int:
+    """oneDNN's fp32 kernels keep channels in blocks of 16 (nCdhw16c): ``c`` rounded up."""
+    return 16 * math.ceil(c / 16)
+
+
+def _uses_onednn(cv: _Conv, dtype: torch.dtype, threads: int) -> bool:
+    """ATen's ``use_mkldnn`` for a CPU 3D convolution: bf16/fp16 always; fp32 unless a 1x1x1
+    unstrided kernel at batch < 16 on one thread, and only for batch > 1, a kernel wider than 3 in
+    the last two dims, groups > 1, or N*C*D*H > 20480."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return True
+    return dtype == torch.float32 and (not cv.pointwise or cv.n >= 16 or threads > 1) and (
+        cv.groups > 1 or (cv.k[-1] > 3 and cv.k[-2] > 3) or cv.n > 1
+        or cv.n * cv.c_in * cv.spatial[0] * cv.spatial[1] > 20480)
+
+
+def _slow_conv_scratch(cv: _Conv, backward: bool, grad_input: bool = True) -> int:
+    """ATen's own slow_conv3d: it unfolds the input (N * C_in * prod(k) * out voxels); a transposed
+    one builds N * C_out * prod(k) * in voxels of columns (and, in a training step, a copy of the
+    input); a 1x1x1 one reads x in place forward, and its backward copies x when it computes grad_input."""
+    x_sz = cv.act(cv.c_in, cv.spatial)
+    if cv.transposed:
+        return cv.n * cv.c_out * math.prod(cv.k) * math.prod(cv.spatial) * cv.esize + x_sz
+    if cv.pointwise:
+        return x_sz if backward and grad_input else 0
+    return cv.n * cv.c_in * math.prod(cv.k) * math.prod(cv.out) * cv.esize
+
+
+def _onednn_weights(cv: _Conv, *, backward_data: bool = False) -> int:
+    """Bytes of oneDNN's blocked fp32 weights: C_out padded to 16; C_in too when it is >= 16, the
+    kernel is 1x1x1, or (backward data) always."""
+    pad_in = backward_data or cv.pointwise or cv.c_in >= 16
+    c_in = _block16(cv.c_in) if pad_in else cv.c_in
+    return _block16(cv.c_out) * c_in * math.prod(cv.k) * cv.esize // max(cv.groups, 1)
+
+
+def _onednn_forward(cv: _Conv, threads: int = 1) -> int:
+    """oneDNN forward: ``max(b(x) + b(w) + b(y), b(y) + y) - y``, where b(t) is t in 16-channel
+    blocks; the input is read in place when C_in < 16 (but for a 1x1x1 kernel)."""
+    y_sz = cv.act(cv.c_out, cv.out)
+    x_b = cv.act(_block16(cv.c_in), cv.spatial) if cv.c_in >= 16 or cv.pointwise else 0
+    y_b = cv.act(_block16(cv.c_out), cv.out)
+    copies = _bf16_pointwise_copies(cv, threads, cv.c_out)
+    return max(copies + x_b + _onednn_weights(cv) + y_b, y_b + y_sz) - y_sz
+
+
+def _onednn_weight_grad(cv: _Conv, threads: int) -> int:
+    """Peak bytes of oneDNN's fp32 weight-gradient kernel (beyond what is live around it).
+
+    Three kernels: a gemm one when 4 <= C_in < 16 (not 1x1x1) or the kernel is wider than the input,
+    holding per thread one depth slice of columns (C_in * prod(k) * out H * W) and 4 weight-sized
+    partials, plus 256 B, next to the plain weight gradient; else a blocked one reading x in 16-channel
+    blocks (in place for a first layer, C_in < 4), the blocked output gradient and weight gradient,
+    and, when C_out/16 * C_in/16 blocks leave threads idle, a reduction buffer of one blocked weight
+    per extra thread (``nthr_mb = threads // blocks``) plus a fixed part; then the blocked weight
+    gradient beside the plain one. Weight and bias gradients are included (they are op outputs)."""
+    w_sz = cv.c_out * cv.c_in * math.prod(cv.k) * cv.esize // max(cv.groups, 1)
+    b_sz = cv.c_out * cv.esize
+    wider = any(cv.k[i] > cv.spatial[i] for i in range(3))
+    if wider or (4 <= cv.c_in < 16 and not cv.pointwise):
+        cols = cv.c_in * math.prod(cv.k) * math.prod(cv.out[1:]) * cv.esize
+        return max(w_sz + threads * (cols + 4 * w_sz) + 256, 2 * w_sz) + 2 * b_sz
+    first_layer = cv.c_in < 4 and not cv.pointwise
+    x_b = 0 if first_layer else cv.act(_block16(cv.c_in), cv.spatial)
+    w_b = _onednn_weights(cv)
+    nthr_mb = threads // (math.ceil(cv.c_out / 16) * math.ceil(cv.c_in / 16))
+    reduction = (nthr_mb - 1) * w_b + ONEDNN_REDUCTION_FIXED_B if nthr_mb > 1 else 0
+    # the blocked buffers, then the blocked weight gradient reordered into the plain one
+    return max(x_b + cv.act(_block16(cv.c_out), cv.out) + w_b + reduction + b_sz, w_b + w_sz + 2 * b_sz)
+
+
+def _bf16_pointwise_copies(cv: _Conv, threads: int, channels: int) -> int:
+    """A bf16 1x1x1 oneDNN kernel first makes an fp32 buffer of its blocked result per thread (the
+    output forward, ``channels`` = C_out; the input gradient backward, C_in), plus 128 B (measured at
+    1 and 2 threads, 8^3-16^3, batch 1 and 2, 2-384 channels)."""
+    if cv.esize != 2 or not cv.pointwise:
+        return 0
+    return threads * _block16(channels) * math.prod(cv.spatial) * 4 + 128
+
+
+def _bf16_weight_grad(cv: _Conv, threads: int) -> int:
+    """Peak bytes of oneDNN's bf16 weight-gradient kernel on AVX512-BF16 (beyond what is live around it).
+
+    C_in < 16 (not 1x1x1) with C_out < 16 or a kernel wider than 7 (measured: 7 blocked, 16 gemm): a
+    gemm kernel (unlike fp32, not for a kernel wider than the input) beside the plain weight
+    gradient, with a depth slice of bf16 columns per working thread (min(batch, threads)) and
+    2 * workers + 2 fp32 weight copies, plus 512 B + 4 B per output channel. Else a blocked one: b(x),
+    b(gy), b(w) and, per thread splitting the batch (all of them when C_in <= 16 or batch * out depth
+    > 8, else one: a heuristic), an fp32 weight accumulator and bf16 transposed copies of one sample's
+    input (W padded; none when C_in < 16, x read in place and the fp32 weights unpadded) and output
+    gradient (a 1x1x1 kernel over 16^3 voxels or more transposes nothing), plus 8,580 B (600 for
+    1x1x1) and 8,192 B per other thread (per thread but one for 1x1x1). Measured to within 256 B at 1
+    and 2 threads on 1x1x1 to 16^3 kernels, 1-384 channels, 2^3-24^3 (the split heuristic misses some:
+    4->32 channels at batch 2, 8^3, is 30% over)."""
+    w_sz = cv.c_out * cv.c_in * math.prod(cv.k) * cv.esize
+    b_sz = cv.c_out * cv.esize
+    if cv.c_in < 16 and not cv.pointwise and (cv.c_out < 16 or max(cv.k) > 7):
+        workers = min(cv.n, threads)
+        cols = cv.c_in * math.prod(cv.k) * math.prod(cv.out[1:]) * cv.esize
+        s = workers * cols + (2 * workers + 2) * (w_sz // cv.esize) * 4 + 512 + 4 * cv.c_out
+        return max(w_sz + s + b_sz, 2 * w_sz) + 2 * b_sz
+    first_layer = cv.c_in < 16 and not cv.pointwise      # x read in place: no transposed input copy
+    w_f32 = _block16(cv.c_out) * (cv.c_in if first_layer else _block16(cv.c_in)) * math.prod(cv.k) * 4
+    if cv.pointwise and math.prod(cv.spatial) >= 4096:
+        tr = 0
+    elif first_layer:
+        tr = _block16(cv.c_out) * math.prod(cv.out) * cv.esize
+    else:
+        pad_w = cv.out[2] - cv.spatial[2] + cv.k[2] - 1          # both sides of W (stride 1)
+        tr = (_block16(cv.c_in) * math.prod(cv.spatial[:2]) * (cv.spatial[2] + pad_w)
+              + _block16(cv.c_out) * math.prod(cv.out)) * cv.esize
+    nthr_mb = threads if cv.c_in <= 16 or cv.n * cv.out[0] > 8 else 1
+    idle = threads - 1 if cv.pointwise else threads - nthr_mb
+    s = nthr_mb * (w_f32 + tr + 4 * cv.c_out) + (600 if cv.pointwise else 8_580) + 8_192 * idle
+    x_b = 0 if first_layer else cv.act(_block16(cv.c_in), cv.spatial)
+    y_b, w_b = cv.act(_block16(cv.c_out), cv.out), _onednn_weights(cv)
+    return max(x_b + y_b + w_b + s + b_sz, w_b + w_sz + 2 * b_sz)
+
+
+def _onednn_backward(cv: _Conv, threads: int, grad_input: bool) -> int:
+    """fp32 oneDNN backward, its phases in order, minus the op's outputs (dx, dw, db).
+
+    Data gradient: ``b(gy) + b(w) + b(gx)`` (weights padded in both channel dims; a strided kernel adds
+    ``ONEDNN_STRIDED_*`` scratch and, with C_in >= 16, a phase ``x + b(x) + b(gx)``), then ``b(gx) + gx``
+    as gx is reordered out; then the weight gradient beside gx (``_onednn_weight_grad``)."""
+    x_sz = cv.act(cv.c_in, cv.spatial)
+    w_sz = cv.c_out * cv.c_in * math.prod(cv.k) * cv.esize // max(cv.groups, 1)
+    outputs = w_sz + cv.c_out * cv.esize + (x_sz if grad_input else 0)
+    gx_b = cv.act(_block16(cv.c_in), cv.spatial)
+    y_b = cv.act(_block16(cv.c_out), cv.out)
+    weight_grad = _bf16_weight_grad(cv, threads) if cv.esize == 2 else _onednn_weight_grad(cv, threads)
+    phases = [(x_sz if grad_input else 0) + weight_grad]
+    if grad_input:
+        strided = ONEDNN_STRIDED_FIXED_B + threads * ONEDNN_STRIDED_PER_THREAD_B if cv.strided else 0
+        copies = _bf16_pointwise_copies(cv, threads, cv.c_in)
+        phases += [y_b + _onednn_weights(cv, backward_data=True) + gx_b + strided + copies, gx_b + x_sz]
+        if cv.strided and cv.c_in >= 16:
+            phases.append(x_sz + gx_b + gx_b)
+    return max(0, max(phases) - outputs)
+
+
+def _onednn_legacy(cv: _Conv, backward: bool, grad_input: bool) -> int:
+    """The earlier fp32 model, kept for transposed and grouped convolutions (not re-measured):
+    weight gradient with 2 (9 when the kernel is wider than the input) weight-sized buffers."""
+    x_sz, y_sz = cv.act(cv.c_in, cv.spatial), cv.act(cv.c_out, cv.out)
+    gx_b = cv.act(_block16(cv.c_in), cv.spatial)
+    x_b = gx_b if cv.c_in >= 16 else 0
+    y_b = cv.act(_block16(cv.c_out), cv.out)
+    w_b = _block16(cv.c_out) * (_block16(cv.c_in) if cv.c_in >= 16 else cv.c_in) * math.prod(cv.k) \
+        * cv.esize // max(cv.groups, 1)
+    if not backward:
+        return max(x_b + w_b + y_b, y_b + y_sz) - y_sz
+    w_sz = cv.c_out * cv.c_in * math.prod(cv.k) * cv.esize // max(cv.groups, 1)
+    outputs = w_sz + cv.c_out * cv.esize + (x_sz if grad_input else 0)
+    partials = 9 if any(cv.k[i] > cv.spatial[i] for i in range(3)) else 2
+    x_w = gx_b if cv.pointwise else x_b
+    phases = [x_w + y_b + partials * w_b + (x_sz if grad_input else 0)]
+    if grad_input:
+        phases += [y_b + w_b + gx_b, gx_b + x_sz]
+        if cv.strided and not cv.transposed:
+            phases.append(x_sz + x_b + gx_b)
+    return max(0, max(phases) - outputs)
 
 
 def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transposed: bool, groups: int,
                        *, backward: bool, threads: int | None = None, grad_input: bool = True) -> int:
     """Bytes a CPU 3D convolution holds beyond its inputs and outputs at its peak; 0 for other ranks.
 
-    Which kernel runs follows ATen's ``use_mkldnn``: oneDNN when the input is float32 (and the kernel
-    is not 1x1x1 unstrided, or batch >= 16, or more than one ``threads``) and (batch > 1, kernel > 3
-    in the last two dims, groups > 1, or N*C*D*H > 20480); bfloat16/float16 always (AMX/AVX-512).
-    Otherwise slow_conv3d unfolds the input (N * C_in * prod(k) * out voxels), a transposed one
-    builds N * C_out * prod(k) * in voxels of columns, a 1x1x1 one's backward copies its input.
-    oneDNN (fp32) works in 16-channel blocked copies: ``b(t)`` (t padded to 16 channels; the input
-    is read in place when C_in < 16). Phases, each measured with the profiler (tests/test_ruler.py):
-    forward ``max(b(x) + b(w) + b(y), b(y) + y)``; backward ``max(b(gy) + b(w) + b(gx), b(gx) + gx,
-    gx + b(x) + b(gy) + p * b(w))`` (b(x) padded below 16 channels too for a 1x1x1 kernel), for a stride > 1 also ``gx + b(x) + b(gx)``; minus the op's
-    outputs. ``b(w)`` pads C_in only when C_in >= 16; p = 2 weight-sized buffers, 9 when the kernel is
-    wider than the input (an upper bound: 5 to 9 measured).
+    Which kernel runs follows ATen (``_uses_onednn``); ATen's slow_conv3d unfolds its input
+    (``_slow_conv_scratch``); fp32 oneDNN works in 16-channel blocked copies (``_onednn_forward``,
+    ``_onednn_backward``; transposed and grouped ones: ``_onednn_legacy``). bfloat16 on an AVX512-BF16
+    CPU without AMX runs the same blocked kernels at 2 bytes an element, with its own weight-gradient
+    buffers (``_bf16_weight_grad``) and, for a 1x1x1 kernel, fp32 copies of the blocked input
+    (``_bf16_pointwise_copies``). Else (fp16, AMX, transposed or grouped bf16) a rough model: 2x the
+    largest blocked activation forward, 5x backward (measured 2.0-2.4x and 3.8-8.3x per op with AMX).
     """
     if x.dim() != 5:
         return 0
     threads = torch.get_num_threads() if threads is None else threads
-    n, c_in, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
-    k = tuple(w.shape[2:])
-    esize = x.element_size()
-    if transposed:
-        c_out = w.shape[1] * groups
-        out_sp = [(spatial[i] - 1) * stride[i] - 2 * padding[i] + k[i] for i in range(3)]
-    else:
-        c_out = w.shape[0]
-        out_sp = [(spatial[i] + 2 * padding[i] - k[i]) // stride[i] + 1 for i in range(3)]
-    vox_in, vox_out = math.prod(spatial), math.prod(out_sp)
-    pointwise = all(v == 1 for v in k) and all(v == 1 for v in stride) and not any(padding)
+    cv = _Conv.of(x, w, stride, padding, transposed, groups)
+    if not _uses_onednn(cv, x.dtype, threads):
+        return _slow_conv_scratch(cv, backward, grad_input)
     half = x.dtype in (torch.bfloat16, torch.float16)
-    mkldnn = half or (x.dtype == torch.float32 and (not pointwise or n >= 16 or threads > 1) and (
-        groups > 1 or (k[-1] > 3 and k[-2] > 3) or n > 1 or n * c_in * spatial[0] * spatial[1] > 20480))
-    if not mkldnn:
-        if transposed:   # columns, and (in a training step) a copy of the input
-            return n * c_out * math.prod(k) * vox_in * esize + x.numel() * esize
-        if pointwise:
-            return x.numel() * esize if backward else 0    # the weight gradient reads a copy of x
-        return n * c_in * math.prod(k) * vox_out * esize
-    block = lambda c: 16 * math.ceil(c / 16)  # noqa: E731
-    xsz, ysz = n * c_in * vox_in * esize, n * c_out * vox_out * esize
-    gx_b = n * block(c_in) * vox_in * esize
-    x_b = gx_b if c_in >= 16 else 0
-    y_b = n * block(c_out) * vox_out * esize
-    w_b = block(c_out) * (block(c_in) if c_in >= 16 else c_in) * math.prod(k) * esize // max(groups, 1)
-    if half:   # reduced-precision oneDNN: 2x the largest blocked activation forward (measured 2.0-2.4x),
-        # 5x backward (measured 3.8-8.3x per op; 5 fits the clients' whole steps best): a rough model
-        return (5 if backward else 2) * max(x_b, y_b, gx_b if backward else 0)
-    if not backward:
-        return max(x_b + w_b + y_b, y_b + ysz) - ysz
-    w_sz = w.numel() * esize
-    outputs = w_sz + c_out * esize + (xsz if grad_input else 0)
-    # the weight gradient is built in a blocked buffer beside the output one (2 weight-sized buffers);
-    # a kernel wider than the input (a 3x3x3 on 2^3 or 1^3 voxels) reduces over partial buffers: 4 to 8
-    # weights beyond the outputs were measured, run to run; the model takes the upper one (9 in all)
-    partials = 9 if any(k[i] > spatial[i] for i in range(3)) else 2
-    x_w = gx_b if pointwise else x_b        # a 1x1x1 weight gradient reads x padded even below 16 channels
-    phases = [x_w + y_b + partials * w_b + (xsz if grad_input else 0)]
-    if grad_input:
-        phases += [y_b + w_b + gx_b, gx_b + xsz]
-        if any(s > 1 for s in stride) and not transposed:
-            phases.append(xsz + x_b + gx_b)
-    return max(0, max(phases) - outputs)
+    if half and (x.dtype == torch.float16 or transposed or groups > 1 or cpu_has_amx()):
+        x_b, y_b = cv.act(_block16(cv.c_in), cv.spatial), cv.act(_block16(cv.c_out), cv.out)
+        return (5 if backward else 2) * max(x_b if cv.c_in >= 16 else 0, y_b, x_b if backward else 0)
+    if transposed or groups > 1:
+        return _onednn_legacy(cv, backward, grad_input)
+    return _onednn_forward(cv, threads) if not backward else _onednn_backward(cv, threads, grad_input)
 
 
 # -- live-storage tracking -------------------------------------------------------------------------

@@ -38,6 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/cli.md", "docs/benchmarks.md")
 COLUMNS = 100                                  # the terminal width the documented output was made with
+#: the documented commands run on this many threads, as the tests do (conftest): CPU kernel scratch,
+#: and so every scratch="cpu" figure, depends on the thread count
+DOC_THREADS = 1
 FENCE = "```"
 _JSON_EXCERPT = re.compile(r"<!-- json-excerpt: (?P<cmd>.+?)(?:; omit (?P<omit>[\w,]+))?"
                            r"(?:; first (?P<first>[\w,]+))? -->")
@@ -97,7 +100,7 @@ def run_command(command: str, cwd: Path, files: dict[str, str]) -> Result:
         return Result(out.getvalue(), err.getvalue(), code)
     if argv[0] == "python" and len(argv) == 2 and argv[1] in files:
         (cwd / argv[1]).write_text(files[argv[1]])
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": str(COLUMNS)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": str(COLUMNS), "OMP_NUM_THREADS": str(DOC_THREADS)}
         proc = subprocess.run([sys.executable, argv[1]], cwd=cwd, env=env, capture_output=True, text=True,
                               check=False, timeout=900)
         return Result(proc.stdout, proc.stderr, proc.returncode)
