@@ -57,8 +57,6 @@ class Result:
 
 
 # -- running the commands ----------------------------------------------------------------------------
-#: OpenMP threads the documented `memplan` commands run with
-DOC_THREADS = 1
 
 
 @contextlib.contextmanager
