@@ -69,8 +69,23 @@ class _Recorder(torch.fx.Interpreter):
         # storages that existed before this node and that it wrote into: in-place ops on others' values
         mutates = tuple(dict.fromkeys(self.owner[k] for k in scratch.written if k in self.owner
                                       and self.owner[k] != n.name))
-        self.infos[n.name] = dataclasses.replace(info, scratch_cpu_bytes=scratch.peak, mutates=mutates)
+        self.infos[n.name] = dataclasses.replace(info, scratch_cpu_bytes=scratch.peak, mutates=mutates,
+                                                 cast_grad_bytes=self._cast_grads(scratch.casts, value))
         return value
+
+    def _cast_grads(self, casts: list[tuple[torch.Tensor, torch.Tensor]], value: Any) -> int:
+        """Gradient bytes a node's backward makes for the dtype casts inside it (autocast's) beyond the
+        gradients of its inputs: a bf16 activation max-pooled in fp32 gets an fp32 gradient first (the
+        difference counts), a weight's bf16 copy a bf16 gradient before the fp32 one (all of it)."""
+        outs = _owned_keys(value)
+        total = 0
+        for src, copy in casts:
+            if not src.requires_grad or storage_key(copy) in outs:
+                continue
+            who = self.owner.get(storage_key(src))
+            cast = copy.numel() * copy.element_size()
+            total += cast if who in OUTSIDE or who is None else max(0, cast - src.numel() * src.element_size())
+        return total
 
     def _info(self, n: torch.fx.Node, value: Any, packed: list[torch.Tensor], flops: int) -> NodeInfo:
         outs = tensors_in(value)
@@ -128,6 +143,7 @@ class _ScratchProbe(TorchDispatchMode):
         super().__init__()
         self.peak = 0
         self.written: list[int] = []
+        self.casts: list[tuple[torch.Tensor, torch.Tensor]] = []   # (source, copy) of dtype casts
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.written += [storage_key(t) for t in written_args(func, args, kwargs or {})]
@@ -135,7 +151,10 @@ class _ScratchProbe(TorchDispatchMode):
             x, w, stride, padding, transposed, groups = args[0], args[1], args[3], args[4], bool(args[6]), int(args[8])
             self.peak = max(self.peak, *(conv_scratch_bytes(x, w, stride, padding, transposed, groups, backward=b)
                                          for b in (False, True)))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) and out.dtype != args[0].dtype:
+            self.casts.append((args[0], out))
+        return out
 
 
 def _use_counts(n: torch.fx.Node) -> dict[str, int]:

@@ -44,6 +44,8 @@ class NodeInfo:
     scratch_cpu_bytes: int = 0
     #: owners of the storages this node writes in place: node names, or "<param>", "<buffer>", "<input>"
     mutates: tuple[str, ...] = ()
+    #: gradient bytes the node's backward makes for dtype casts inside it (autocast) beyond its inputs' gradients
+    cast_grad_bytes: int = 0
 
     @property
     def saved_kinds(self) -> dict[str, int]:
