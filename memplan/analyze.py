@@ -1,8 +1,10 @@
 """Per-node memory analysis: run a GraphModule once on fake tensors and record, for each node,
 the storage it allocates, what autograd saves for its backward (saved-tensor hooks), what it writes
-in place (ATen schemas), and FLOPs."""
+in place (ATen schemas), and FLOPs. Under ``amp`` the run is autocast, as the training step's forward
+is: half-precision outputs, and the casts autograd saves (each weight's copy, once) count as saved buffers."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -12,9 +14,11 @@ import torch.fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._meta import FakeWorld, home_device, storage_key, tensors_in, written_args
+from ._meta import FakeWorld, home_device, storage_key, tensors_in, to_meta, written_args
+from .errors import MemplanError
 from .graph import MemGraph, NodeInfo, alias_root
-from .measure import conv_scratch_bytes
+from .measure import check_amp, conv_scratch_bytes
+from .options import check_amp_mode
 
 _PARAM, _BUFFER, _INPUT = "<param>", "<buffer>", "<input>"
 #: owners of storages outside the DAG, as NodeInfo.mutates names them
@@ -29,6 +33,7 @@ class _Recorder(torch.fx.Interpreter):
         self.owner: dict[int, str] = {}        # storage key -> producing node name, or _PARAM / _INPUT
         self.infos: dict[str, NodeInfo] = {}
         self.saved_refs: list[torch.Tensor] = []  # keep saved tensors alive so storage keys stay unique
+        self.extra_seen: set[int] = set()      # saved buffers already counted (autocast's cached weight casts)
         for t in gm.parameters():
             self.owner[storage_key(t)] = _PARAM
         for t in gm.buffers():
@@ -64,8 +69,23 @@ class _Recorder(torch.fx.Interpreter):
         # storages that existed before this node and that it wrote into: in-place ops on others' values
         mutates = tuple(dict.fromkeys(self.owner[k] for k in scratch.written if k in self.owner
                                       and self.owner[k] != n.name))
-        self.infos[n.name] = dataclasses.replace(info, scratch_cpu_bytes=scratch.peak, mutates=mutates)
+        self.infos[n.name] = dataclasses.replace(info, scratch_cpu_bytes=scratch.peak, mutates=mutates,
+                                                 cast_grad_bytes=self._cast_grads(scratch.casts, value))
         return value
+
+    def _cast_grads(self, casts: list[tuple[torch.Tensor, torch.Tensor]], value: Any) -> int:
+        """Gradient bytes a node's backward makes for the dtype casts inside it (autocast's) beyond the
+        gradients of its inputs: a bf16 activation max-pooled in fp32 gets an fp32 gradient first (the
+        difference counts), a weight's bf16 copy a bf16 gradient before the fp32 one (all of it)."""
+        outs = _owned_keys(value)
+        total = 0
+        for src, copy in casts:
+            if not src.requires_grad or storage_key(copy) in outs:
+                continue
+            who = self.owner.get(storage_key(src))
+            cast = copy.numel() * copy.element_size()
+            total += cast if who in OUTSIDE or who is None else max(0, cast - src.numel() * src.element_size())
+        return total
 
     def _info(self, n: torch.fx.Node, value: Any, packed: list[torch.Tensor], flops: int) -> NodeInfo:
         outs = tensors_in(value)
@@ -91,7 +111,9 @@ class _Recorder(torch.fx.Interpreter):
             who = self.owner.get(key)
             nbytes = t.untyped_storage().nbytes()
             if who is None:
-                extra += nbytes
+                if key not in self.extra_seen:   # a shared weight's cast is made once per forward
+                    extra += nbytes
+                self.extra_seen.add(key)
             elif who in (_PARAM, _BUFFER):
                 params += nbytes
             elif who == _INPUT:
@@ -121,6 +143,7 @@ class _ScratchProbe(TorchDispatchMode):
         super().__init__()
         self.peak = 0
         self.written: list[int] = []
+        self.casts: list[tuple[torch.Tensor, torch.Tensor]] = []   # (source, copy) of dtype casts
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.written += [storage_key(t) for t in written_args(func, args, kwargs or {})]
@@ -128,7 +151,10 @@ class _ScratchProbe(TorchDispatchMode):
             x, w, stride, padding, transposed, groups = args[0], args[1], args[3], args[4], bool(args[6]), int(args[8])
             self.peak = max(self.peak, *(conv_scratch_bytes(x, w, stride, padding, transposed, groups, backward=b)
                                          for b in (False, True)))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) and out.dtype != args[0].dtype:
+            self.casts.append((args[0], out))
+        return out
 
 
 def _use_counts(n: torch.fx.Node) -> dict[str, int]:
@@ -164,18 +190,22 @@ def _target_name(n: torch.fx.Node) -> str:
 
 
 def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "fx",
-            notes: tuple[str, ...] = ()) -> MemGraph:
-    """Build the MemGraph of ``gm``: one fake-tensor forward with saved-tensor hooks and FLOP counting.
+            notes: tuple[str, ...] = (), amp: str | None = None) -> MemGraph:
+    """Build the MemGraph of ``gm``: one fake-tensor forward with saved-tensor hooks and FLOP counting,
+    under ``torch.autocast`` when ``amp`` is "bf16" or "fp16" (the graph itself is not changed).
 
     Nodes that produce no tensor (guards, asserts) are left out of the DAG; views and in-place ops
     stay in it with ``out_bytes == 0`` and ``alias_of`` set; in-place writes into other nodes' values
     become ``MemGraph.together`` groups, writes into inputs or parameters ``MemGraph.pinned`` nodes.
     """
+    dtype = check_amp(None if amp is None else check_amp_mode(amp).value)
+    amp = None if dtype is None else check_amp_mode(amp).value
     world = FakeWorld(home_device(gm, example_inputs))
     fgm = world.module(gm)
     inputs = world.inputs(example_inputs)
     rec = _Recorder(fgm)
-    with world.mode, torch.enable_grad():
+    autocast = torch.autocast(world.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with world.mode, torch.enable_grad(), autocast:
         result = rec.run(*inputs)
     infos = rec.infos
     dag = nx.DiGraph()
@@ -218,7 +248,25 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
     return MemGraph(gm=gm, dag=dag, order=order, outputs=outputs, input_bytes=input_bytes,
                     param_bytes=param_bytes, trainable_param_bytes=trainable, buffer_bytes=buffer_bytes,
                     tracer=tracer, trace_notes=notes, shared_reads=tuple(shared), together=together,
-                    pinned=pinned)
+                    pinned=pinned, amp=amp, example_inputs=to_meta(tuple(example_inputs)))
+
+
+def at_precision(graph: MemGraph, amp: str | None) -> MemGraph:
+    """``graph`` with its byte facts analysed for a step under ``amp`` autocast (None: fp32): the same
+    module, re-run on fake tensors when the precision differs. Keeps the full-precision graph's
+    fingerprint, out-of-place rewrite and trace notes, so a plan made on it names the traced network."""
+    amp = None if amp is None else check_amp_mode(amp).value
+    if graph.amp == amp:
+        return graph
+    base = graph.full_precision if graph.full_precision is not None else graph
+    if base.amp == amp:
+        return base
+    if not base.example_inputs:
+        raise MemplanError(f"this MemGraph records no example inputs, so it cannot be re-analysed for amp={amp!r}; "
+                           "build it with memplan.trace(model, example_inputs)")
+    new = analyze(base.gm, base.example_inputs, tracer=base.tracer, notes=base.trace_notes, amp=amp)
+    return dataclasses.replace(new, source_gm=base.source_gm, out_of_place=base.out_of_place,
+                               full_precision=base if base.amp is None else None)
 
 
 def _mutation_constraints(gm: torch.fx.GraphModule, dag: nx.DiGraph, order: list[str], infos: dict[str, NodeInfo],

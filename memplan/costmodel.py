@@ -126,7 +126,7 @@ def build_costs(graph: MemGraph, *, optimizer: str = "adam", scratch: dict[str, 
                          for i in range(n)])
     extra_b = np.array([0 if dead[i] else graph.info(nm).saved_extra_bytes for i, nm in enumerate(order)],
                        dtype=np.float64)
-    work_b = np.zeros(n)
+    work_b = np.array([float(graph.info(nm).cast_grad_bytes) for nm in order])   # autocast's cast gradients
     for name in order:
         for p in graph.dag.predecessors(name):
             work_b[idx[name]] += out_b[idx[p]]

@@ -44,6 +44,8 @@ class NodeInfo:
     scratch_cpu_bytes: int = 0
     #: owners of the storages this node writes in place: node names, or "<param>", "<buffer>", "<input>"
     mutates: tuple[str, ...] = ()
+    #: gradient bytes the node's backward makes for dtype casts inside it (autocast) beyond its inputs' gradients
+    cast_grad_bytes: int = 0
 
     @property
     def saved_kinds(self) -> dict[str, int]:
@@ -90,6 +92,12 @@ class MemGraph:
     source_gm: torch.fx.GraphModule | None = field(default=None, repr=False)
     #: what that rewrite changed: (node name, what it was) pairs
     out_of_place: tuple[tuple[str, str], ...] = ()
+    #: the autocast precision the byte facts were analysed under: None (fp32), "bf16" or "fp16"
+    amp: str | None = None
+    #: meta twins of the example inputs, so the graph can be re-analysed at another precision
+    example_inputs: tuple = field(default=(), repr=False, compare=False)
+    #: the full-precision graph this one was re-analysed from (memplan.analyze.at_precision); it names the plan
+    full_precision: "MemGraph | None" = field(default=None, repr=False, compare=False)
     _index: dict[str, int] = field(default_factory=dict, repr=False)
     _infos: dict[str, NodeInfo] | None = field(default=None, repr=False)
 
@@ -131,7 +139,10 @@ class MemGraph:
         return sum(i.out_bytes for i in self)
 
     def fingerprint(self) -> str:
-        """A hash of node names, ops, shapes and edges: equal graphs, equal fingerprints."""
+        """A hash of node names, ops, shapes and edges: equal graphs, equal fingerprints. A graph analysed
+        under autocast has its full-precision graph's (the plan's fingerprint names the precision)."""
+        if self.full_precision is not None:
+            return self.full_precision.fingerprint()
         import hashlib
         h = hashlib.sha256()
         for info in self:
