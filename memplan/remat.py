@@ -136,6 +136,36 @@ def droppable_nodes(graph: MemGraph) -> frozenset[str]:
                      and graph.info(n).out_bytes > 0)
 
 
+def held_outputs(graph: MemGraph, costs: CostArrays) -> CostArrays:
+    """``costs`` for the step simulate_step runs: the loop holds the network's output through the whole
+    backward (``out = model(x); loss = loss_fn(out)``), so its storage counts as static, not as kept by
+    the last block until that block's backward."""
+    idx = {n: i for i, n in enumerate(graph.order)}
+    roots = {idx.get(graph.root(o), idx[o]) for o in graph.outputs if o in idx}
+    held = np.zeros(costs.n, dtype=bool)
+    held[list(roots | {i for i in range(costs.n) if graph.order[i] in graph.outputs})] = True
+    return dataclasses.replace(costs, needed_b=np.where(held, 0.0, costs.needed_b),
+                               static_bytes=costs.static_bytes + int(sum(costs.out_b[r] for r in roots)))
+
+
+def backward_extra_bytes(graph: MemGraph, own_b: np.ndarray) -> np.ndarray:
+    """Per node: bytes its backward allocates beyond the input gradients (Kusumoto's work term). PReLU's
+    kernel writes its weight gradient per element, a buffer of the input's size, before summing it."""
+    idx = {n: i for i, n in enumerate(graph.order)}
+    out = np.zeros(len(graph.order))
+    for node in graph.gm.graph.nodes:
+        if node.name not in idx:
+            continue
+        if node.op == "call_module":
+            mod = graph.gm.get_submodule(node.target)
+            prelu = isinstance(mod, nn.PReLU) and mod.weight.requires_grad
+        else:
+            prelu = "prelu" in graph.info(node.name).target.lower()
+        if prelu:
+            out[idx[node.name]] = sum(own_b[idx[graph.root(p)]] for p in graph.dag.predecessors(node.name))
+    return out
+
+
 @dataclass(frozen=True)
 class Rebuild:
     """How one block rebuilds its dropped inputs: the inputs, the nodes re-run, their FLOPs and working set."""
@@ -154,27 +184,36 @@ class RematFamily(Family):
     """
 
     def __init__(self, costs: CostArrays, masks: list[int], graph: MemGraph, dropped: frozenset[int],
-                 impure: frozenset[int], like: RematFamily | None = None):
-        """``like``: a family of the same graph, costs and masks whose D-independent arrays are reused."""
+                 impure: frozenset[int], like: RematFamily | None = None, *, keep_output: bool = True,
+                 exact: bool = True):
+        """``like``: a family of the same graph, costs, masks and model whose D-independent arrays are reused.
+        ``keep_output``: the step holds the output through backward (counted as static). ``exact`` False:
+        the coarser model (no PReLU buffer, a view's saved storage counted again, the output not held),
+        a second heuristic path for the greedy; the simulator rates what either finds."""
         self.dropped = frozenset(dropped)
         self.dmask = np.zeros(costs.n, dtype=bool)
         self.dmask[list(self.dropped)] = True
+        self.exact = exact
+        if exact and keep_output:
+            costs = held_outputs(graph, costs)
         zeroed = dataclasses.replace(costs, needed_b=np.where(self.dmask, 0.0, costs.needed_b))
         if like is None:
             super().__init__(zeroed, masks)
-            self._graph_parts(graph)
+            self._graph_parts(graph, costs)
         else:
             for name in ("masks", "bits", "bnd", "pending", "sizes", "self_owned", "preds", "root", "own_b",
-                         "savers", "absent_grads_b"):
+                         "savers", "absent_grads_b", "backward_extra_b", "saved_once_b"):
                 setattr(self, name, getattr(like, name))
             self._cache = {}
+        costs = dataclasses.replace(costs, work_b=costs.work_b + self.backward_extra_b)
+        zeroed = dataclasses.replace(zeroed, work_b=costs.work_b)
         self.base, self.cz = costs, zeroed
         self.c = dataclasses.replace(zeroed, flops=costs.flops * TIME_HEADROOM)
         self.impure = impure
         self._closures: dict[tuple[int, int], tuple[int, tuple[int, ...]] | None] = {}
         self._unions: dict[tuple[int, tuple[int, ...]], tuple | None] = {}
 
-    def _graph_parts(self, graph: MemGraph) -> None:
+    def _graph_parts(self, graph: MemGraph, costs: CostArrays) -> None:
         """The arrays that depend on the graph only: predecessors, storage roots, own bytes, savers,
         and per set the parameter gradients that do not exist yet while a block above it runs backward."""
         idx = {n: i for i, n in enumerate(graph.order)}
@@ -186,6 +225,10 @@ class RematFamily(Family):
             for s in graph.info(nm).saved_from:
                 if s in idx:
                     self.savers[self.root[idx[s]]].append(i)
+        self.backward_extra_b = backward_extra_bytes(graph, self.own_b) if self.exact else np.zeros(costs.n)
+        # a view's saved storage is its root's: counted once, where the root is rebuilt, kept or held
+        self.saved_once_b = (np.where([graph.info(nm).alias_of is None for nm in graph.order], costs.needed_b, 0.0)
+                             if self.exact else costs.needed_b)
         grads = param_gradients(graph)
         self.absent_grads_b = np.array([float(sum(b for r, b in grads if not r & ~m)) for m in self.masks])
 
@@ -274,7 +317,7 @@ class RematFamily(Family):
         if a in self._cache:
             return self._cache[a]
         c = self.base
-        t = block_terms(self, a, self.dmask, saved_b=c.needed_b)
+        t = block_terms(self, a, self.dmask, saved_b=self.saved_once_b)
         v = t.v
         reads = self.dropped_inputs(a, v)
         keep, per_node = t.keep_b.copy(), t.per_node_b.copy()
@@ -415,7 +458,7 @@ def _score(x: Candidate, fam_kept_b: float, memory_centric: bool) -> tuple[float
 
 
 def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOptions,
-           deadline: float) -> tuple[list[Candidate], list[Candidate], str]:
+           deadline: float, exact: bool = True) -> tuple[list[Candidate], list[Candidate], str]:
     """Candidates the greedy accepts (the first is D = {}, Kusumoto's chain), then the ``extra_rated``
     best-scoring ones it did not (the cost model can misjudge a plateau), and why it stopped.
 
@@ -430,14 +473,15 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
     fams: dict[frozenset[int], RematFamily] = {}
     floors: dict[frozenset[int], float] = {}
     found: dict[frozenset[int], Candidate] = {}
-    template = RematFamily(costs, masks, graph, frozenset(), impure)
+    template = RematFamily(costs, masks, graph, frozenset(), impure, keep_output=opts.keep_output, exact=exact)
 
     def run(dropped: frozenset[int]):
         """The score of a D. Least memory: (DP floor, least kept bytes at it) straight from min_kept, no
         time DP (the chain is solved only for the candidates kept); under a budget: the least time."""
         if dropped in seen:
             return seen[dropped]
-        fam = fams[dropped] = RematFamily(costs, masks, graph, dropped, impure, like=template)
+        fam = fams[dropped] = RematFamily(costs, masks, graph, dropped, impure, like=template, keep_output=opts.keep_output,
+                                                  exact=exact)
         if memory_centric:
             bound = floors[cur] * (1 + 1e-3) if cur in floors and np.isfinite(floors[cur]) else None
             floor = floors[dropped] = least_budget(fam, below=bound)
@@ -463,7 +507,7 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
     cur, recent = frozenset(), frozenset()     # recent: dropped by the last move, tried back next round
     accepted, why = [candidate(cur)], f"{opts.max_rounds} rounds done"
     for _ in range(opts.max_rounds):
-        fam = RematFamily(costs, masks, graph, cur, impure, like=template)
+        fam = RematFamily(costs, masks, graph, cur, impure, like=template, keep_output=opts.keep_output, exact=exact)
         kept = _kept_nodes(fam, candidate(cur).chain)
         adds = sorted((u for u in kept if u in droppable and u not in cur),
                       key=lambda u: -costs.out_b[u])[:opts.candidates_per_round]
