@@ -681,21 +681,34 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
     if options.budget_bytes is not None and options.example_inputs:
         internal = dataclasses.replace(options, budget_bytes=calibrated_budget(graph, costs, masks, options))
     try:
-        accepted, extras, stop = greedy(graph, costs, masks, internal, t0 + 0.7 * options.time_limit_s)
+        accepted, extras, stop = greedy(graph, costs, masks, internal,
+                                        t0 + (0.4 if options.example_inputs else 0.7) * options.time_limit_s)
     except BudgetError:
         if options.budget_bytes is None:
             raise
         return least_memory_within(graph, options)
+    coarse: list[Candidate] = []
+    if options.example_inputs and time.perf_counter() < t0 + 0.6 * options.time_limit_s:
+        # the greedy is a heuristic: the coarser model's path can reach a D the exact one's never tries;
+        # its candidates are re-solved under the exact model and the simulator rates both
+        try:
+            got, got_extras, _ = greedy(graph, costs, masks, internal, t0 + 0.7 * options.time_limit_s, exact=False)
+        except BudgetError:
+            got, got_extras = [], []
+        for c in got[1:][::-1] + got_extras:
+            fam = RematFamily(costs, masks, graph, c.dropped, impure, keep_output=options.keep_output)
+            coarse.append(solve(fam, internal.budget_bytes, options.time_steps) or c)
     vanilla_chain = tuple((1 << (i + 1)) - 1 for i in range(len(graph)))
     from .costmodel import chain_cost
     vanilla_peak = chain_cost(costs, list(vanilla_chain))[0]
 
     def to_plan(cand: Candidate) -> Plan:
-        fam = RematFamily(costs, masks, graph, cand.dropped, impure)
+        fam = RematFamily(costs, masks, graph, cand.dropped, impure, keep_output=options.keep_output)
         fwd = float(costs.flops.sum()) or 1.0
         segments = fam.segments(graph, cand.chain)
-        return Plan(segments=segments, predicted_peak_bytes=int(cand.peak_b),
-                    predicted_overhead=cand.time / fwd, vanilla_peak_bytes=int(vanilla_peak),
+        peak, t = fam.chain_cost(cand.chain)
+        return Plan(segments=segments, predicted_peak_bytes=int(peak),
+                    predicted_overhead=t / fwd, vanilla_peak_bytes=int(vanilla_peak),
                     budget_bytes=options.budget_bytes,
                     objective="memory-centric" if options.budget_bytes is None else "time-centric",
                     method="remat", method_reason="", lower_set_count=count, fingerprint=graph.fingerprint(),
@@ -709,8 +722,12 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
                                  optimizer=options.optimizer, scratch=options.scratch, amp=options.amp,
                                  keep_output=options.keep_output, threads=options.threads).peak_bytes
 
-        rated_first = [accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]
-        rest = accepted[1:-1][::-1] + extras               # the latest accepted first, then the extras
+        # always rated: D = {}, each path's last accepted; then the latest accepted first, then the extras
+        first = ([accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]) + coarse[:1]
+        rest = accepted[1:-1][::-1] + extras + coarse[1:]
+        unique = list({(c.dropped, c.chain): c for c in first + rest}.values())   # first occurrence wins
+        n_first = len({(c.dropped, c.chain) for c in first})
+        rated_first, rest = unique[:n_first], unique[n_first:]
         sims = [sim(c) for c in rated_first]
         for c in rest:                                     # as many as the time limit allows
             if time.perf_counter() > t0 + options.time_limit_s:
