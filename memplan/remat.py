@@ -688,13 +688,15 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
             raise
         return least_memory_within(graph, options)
     coarse: list[Candidate] = []
+    coarse_stop = "not run (no example inputs to rate it, or no time left)"
     if options.example_inputs and time.perf_counter() < t0 + 0.6 * options.time_limit_s:
         # the greedy is a heuristic: the coarser model's path can reach a D the exact one's never tries;
         # its candidates are re-solved under the exact model and the simulator rates both
         try:
-            got, got_extras, _ = greedy(graph, costs, masks, internal, t0 + 0.7 * options.time_limit_s, exact=False)
+            got, got_extras, coarse_stop = greedy(graph, costs, masks, internal, t0 + 0.7 * options.time_limit_s,
+                                                  exact=False)
         except BudgetError:
-            got, got_extras = [], []
+            got, got_extras, coarse_stop = [], [], "no chain fits the budget"
         for c in got[1:][::-1] + got_extras:
             fam = RematFamily(costs, masks, graph, c.dropped, impure, keep_output=options.keep_output)
             coarse.append(solve(fam, internal.budget_bytes, options.time_steps) or c)
@@ -753,9 +755,9 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
     names = [graph.order[u] for u in sorted(chosen.dropped)]
     if pick == 0:
         why = (f"remat planner fell back to Kusumoto's chain (no dropped tensor helped, {rated}; "
-               f"greedy stopped: {stop})")
+               f"greedy stopped: {stop}; coarser model's path: {coarse_stop})")
     else:
         why = (f"remat: Kusumoto DP ({family_kind}, {family_why}) with {len(names)} dropped tensor(s) "
                f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}), best of {len(plans)} "
-               f"greedy candidates by {rated} peak; greedy stopped: {stop}")
+               f"greedy candidates by {rated} peak; greedy stopped: {stop}; coarser model's path: {coarse_stop}")
     return dataclasses.replace(plans[pick], method_reason=why, planning_time_s=time.perf_counter() - t0)
