@@ -29,10 +29,14 @@ lower sets with these block costs (V = L' minus L, R = dropped boundaries of L t
 D grows greedily under a time limit: each round drops one kept tensor, or one with the same-resolution
 ancestors its rebuild re-runs (a skip alone only moves the keeping to its producer), or takes one back,
 scored by the DP's optimum and then by the bytes the chain keeps (to cross plateaus where several
-blocks tie at the peak). The cost model errs by a few percent either way (it does not see every
-overlap of one block's recompute with the next block's backward) and can misjudge which block binds,
-so the chains the greedy accepts and the best ones it did not are rated by simulate_step, the one
-simulator, and the best simulated plan wins. D = {} is Kusumoto's chain under these block costs: the
+blocks tie at the peak). The block costs count the output the loop holds through backward (static,
+when the step keeps it), PReLU's per-element weight-gradient buffer, and a view's saved storage once
+(at its root). They still err by a few percent (not every overlap of one block's recompute with the
+next block's backward is seen), and a greedy is a heuristic: the exact model's path can stop at a
+local optimum that a coarser model's path (none of those three terms) walks past. So, given example
+inputs, the greedy runs on both models; the coarse path's candidates are re-solved under the exact
+model, and the chains each path accepts and the best ones it did not are rated by simulate_step, the
+one simulator: the best simulated plan wins. D = {} is Kusumoto's chain under these block costs: the
 fallback when nothing beats it. Under a budget, the DP's budget is first calibrated by simulating that
 chain, as memplan.plan does, and the least recompute that simulates within the budget wins.
 
@@ -480,8 +484,8 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
         time DP (the chain is solved only for the candidates kept); under a budget: the least time."""
         if dropped in seen:
             return seen[dropped]
-        fam = fams[dropped] = RematFamily(costs, masks, graph, dropped, impure, like=template, keep_output=opts.keep_output,
-                                                  exact=exact)
+        fam = fams[dropped] = RematFamily(costs, masks, graph, dropped, impure, like=template,
+                                          keep_output=opts.keep_output, exact=exact)
         if memory_centric:
             bound = floors[cur] * (1 + 1e-3) if cur in floors and np.isfinite(floors[cur]) else None
             floor = floors[dropped] = least_budget(fam, below=bound)
@@ -572,7 +576,8 @@ def calibrated_budget(graph: MemGraph, costs: CostArrays, masks: list[int], opts
     """The DP budget whose Kusumoto chain simulates closest under ``opts.budget_bytes`` (the cost model is
     pessimistic by a few percent): moved by the simulation's error, as memplan.plan calibrates."""
     budget = int(opts.budget_bytes)
-    fam = RematFamily(costs, masks, graph, frozenset(), frozenset())     # D = {}: Kusumoto's chain, remat's costs
+    fam = RematFamily(costs, masks, graph, frozenset(), frozenset(),     # D = {}: Kusumoto's chain, remat's costs
+                      keep_output=opts.keep_output)
     target, best, best_time, last = budget, None, float("inf"), None
     for _ in range(rounds):
         result = least_time(fam, float(target), time_steps=opts.time_steps * TIME_HEADROOM)
@@ -621,7 +626,8 @@ def plan_for_dropped(graph: MemGraph, dropped, options: RematOptions) -> Plan:
                         scratch={i.name: i.scratch_cpu_bytes for i in graph} if options.scratch == "cpu" else None)
     masks, kind, why, count = lower_set_masks(graph, options.lower_set_bound)
     impure = frozenset(graph.index(n) for n in impure_nodes(graph))
-    fam = RematFamily(costs, masks, graph, frozenset(graph.index(n) for n in names), impure)
+    fam = RematFamily(costs, masks, graph, frozenset(graph.index(n) for n in names), impure,
+                      keep_output=options.keep_output)
     cand = solve(fam, options.budget_bytes, options.time_steps)
     if cand is None:
         raise BudgetError(f"no chain with dropped {names} fits {format_bytes(options.budget_bytes or 0)}; "
