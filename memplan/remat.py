@@ -71,6 +71,9 @@ TIME_HEADROOM = 4
 #: A rebuild walks back from a dropped tensor until an alive boundary, a graph input, or a tensor this
 #: many times smaller (a downsampled level: cheap to hold, and it stops the walk from re-running the net).
 SOURCE_SHRINK = 2.0
+#: Under a budget, D = {} and the greedy's last D are also solved at these multiples of the DP's budget
+#: and rated by simulation (a chain just above the model's budget may simulate within the real one).
+LOOSER_BUDGETS = (1.005, 1.01, 1.02)
 _INPLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
                                 "ixor", "ilshift", "irshift", "imatmul"})
 _RANDOM_TARGETS = ("dropout", "bernoulli", "rand", "normal_", "uniform_", "multinomial")
@@ -688,24 +691,31 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
         internal = dataclasses.replace(options, budget_bytes=calibrated_budget(graph, costs, masks, options))
     try:
         accepted, extras, stop = greedy(graph, costs, masks, internal,
-                                        t0 + (0.4 if options.example_inputs else 0.7) * options.time_limit_s)
+                                        t0 + (0.45 if options.example_inputs else 0.7) * options.time_limit_s)
     except BudgetError:
         if options.budget_bytes is None:
             raise
         return least_memory_within(graph, options)
     coarse: list[Candidate] = []
     coarse_stop = "not run (no example inputs to rate it, or no time left)"
-    if options.example_inputs and time.perf_counter() < t0 + 0.6 * options.time_limit_s:
+    if options.example_inputs and time.perf_counter() < t0 + 0.5 * options.time_limit_s:
         # the greedy is a heuristic: the coarser model's path can reach a D the exact one's never tries;
         # its candidates are re-solved under the exact model and the simulator rates both
         try:
-            got, got_extras, coarse_stop = greedy(graph, costs, masks, internal, t0 + 0.7 * options.time_limit_s,
+            got, got_extras, coarse_stop = greedy(graph, costs, masks, internal, t0 + 0.6 * options.time_limit_s,
                                                   exact=False)
         except BudgetError:
             got, got_extras, coarse_stop = [], [], "no chain fits the budget"
         for c in got[1:][::-1] + got_extras:
             fam = RematFamily(costs, masks, graph, c.dropped, impure, keep_output=options.keep_output)
             coarse.append(solve(fam, internal.budget_bytes, options.time_steps) or c)
+    looser: list[Candidate] = []
+    if options.budget_bytes is not None and options.example_inputs:
+        # the model errs by tenths of a percent near the budget: chains solved a little above the DP's
+        # budget (for D = {} and the greedy's last D) may still simulate within it, with less recompute
+        for d in dict.fromkeys([frozenset(), accepted[-1].dropped]):
+            fam = RematFamily(costs, masks, graph, d, impure, keep_output=options.keep_output)
+            looser += [c for f in LOOSER_BUDGETS if (c := solve(fam, internal.budget_bytes * f, options.time_steps))]
     vanilla_chain = tuple((1 << (i + 1)) - 1 for i in range(len(graph)))
     from .costmodel import chain_cost
     vanilla_peak = chain_cost(costs, list(vanilla_chain))[0]
@@ -732,20 +742,24 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
 
         # always rated: D = {}, each path's last accepted; then the latest accepted first, then the extras
         first = ([accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]) + coarse[:1]
-        rest = accepted[1:-1][::-1] + extras + coarse[1:]
+        rest = looser + accepted[1:-1][::-1] + extras + coarse[1:]
         unique = list({(c.dropped, c.chain): c for c in first + rest}.values())   # first occurrence wins
         n_first = len({(c.dropped, c.chain) for c in first})
         rated_first, rest = unique[:n_first], unique[n_first:]
-        sims = [sim(c) for c in rated_first]
-        for c in rest:                                     # as many as the time limit allows
-            if time.perf_counter() > t0 + options.time_limit_s:
-                break
-            sims.append(sim(c))
-        accepted = (rated_first + rest)[:len(sims)]
-        plans = [to_plan(c) for c in accepted]
+        t_sim = time.perf_counter()
         vanilla_sim = simulate_step(graph.original_gm, options.example_inputs, loss_fn=options.loss_fn,
                                     optimizer=options.optimizer, scratch=options.scratch, amp=options.amp,
-                                 keep_output=options.keep_output, threads=options.threads).peak_bytes
+                                    keep_output=options.keep_output, threads=options.threads).peak_bytes
+        longest = time.perf_counter() - t_sim
+        sims = []
+        for i, c in enumerate(rated_first + rest):          # the rest: while one more fits in the time limit
+            if i >= len(rated_first) and time.perf_counter() + longest > t0 + options.time_limit_s:
+                break
+            t_sim = time.perf_counter()
+            sims.append(sim(c))
+            longest = max(longest, time.perf_counter() - t_sim)
+        accepted = (rated_first + rest)[:len(sims)]
+        plans = [to_plan(c) for c in accepted]
         plans = [with_simulation(p, s, vanilla_sim) for p, s in zip(plans, sims)]
         limit = options.budget_bytes if options.budget_bytes is not None else fit_bytes
         fits = [i for i in range(len(plans)) if limit is not None and sims[i] <= limit]
@@ -759,8 +773,9 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
         pick, rated = len(plans) - 1, "cost model"
     chosen = accepted[pick]
     names = [graph.order[u] for u in sorted(chosen.dropped)]
-    if pick == 0:
-        why = (f"remat planner fell back to Kusumoto's chain (no dropped tensor helped, {rated}; "
+    if not chosen.dropped:
+        why = (f"remat planner fell back to Kusumoto's chain (no dropped tensor helped, {rated}"
+               f"{'' if pick == 0 else '; solved at a looser DP budget, within the budget in simulation'}; "
                f"greedy stopped: {stop}; coarser model's path: {coarse_stop})")
     else:
         why = (f"remat: Kusumoto DP ({family_kind}, {family_why}) with {len(names)} dropped tensor(s) "
