@@ -29,10 +29,14 @@ lower sets with these block costs (V = L' minus L, R = dropped boundaries of L t
 D grows greedily under a time limit: each round drops one kept tensor, or one with the same-resolution
 ancestors its rebuild re-runs (a skip alone only moves the keeping to its producer), or takes one back,
 scored by the DP's optimum and then by the bytes the chain keeps (to cross plateaus where several
-blocks tie at the peak). The cost model errs by a few percent either way (it does not see every
-overlap of one block's recompute with the next block's backward) and can misjudge which block binds,
-so the chains the greedy accepts and the best ones it did not are rated by simulate_step, the one
-simulator, and the best simulated plan wins. D = {} is Kusumoto's chain under these block costs: the
+blocks tie at the peak). The block costs count the output the loop holds through backward (static,
+when the step keeps it), PReLU's per-element weight-gradient buffer, and a view's saved storage once
+(at its root). They still err by a few percent (not every overlap of one block's recompute with the
+next block's backward is seen), and a greedy is a heuristic: the exact model's path can stop at a
+local optimum that a coarser model's path (none of those three terms) walks past. So, given example
+inputs, the greedy runs on both models; the coarse path's candidates are re-solved under the exact
+model, and the chains each path accepts and the best ones it did not are rated by simulate_step, the
+one simulator: the best simulated plan wins. D = {} is Kusumoto's chain under these block costs: the
 fallback when nothing beats it. Under a budget, the DP's budget is first calibrated by simulating that
 chain, as memplan.plan does, and the least recompute that simulates within the budget wins.
 
@@ -67,6 +71,9 @@ TIME_HEADROOM = 4
 #: A rebuild walks back from a dropped tensor until an alive boundary, a graph input, or a tensor this
 #: many times smaller (a downsampled level: cheap to hold, and it stops the walk from re-running the net).
 SOURCE_SHRINK = 2.0
+#: Under a budget, D = {} and the greedy's last D are also solved at these multiples of the DP's budget
+#: and rated by simulation (a chain just above the model's budget may simulate within the real one).
+LOOSER_BUDGETS = (1.005, 1.01, 1.02)
 _INPLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
                                 "ixor", "ilshift", "irshift", "imatmul"})
 _RANDOM_TARGETS = ("dropout", "bernoulli", "rand", "normal_", "uniform_", "multinomial")
@@ -136,6 +143,36 @@ def droppable_nodes(graph: MemGraph) -> frozenset[str]:
                      and graph.info(n).out_bytes > 0)
 
 
+def held_outputs(graph: MemGraph, costs: CostArrays) -> CostArrays:
+    """``costs`` for the step simulate_step runs: the loop holds the network's output through the whole
+    backward (``out = model(x); loss = loss_fn(out)``), so its storage counts as static, not as kept by
+    the last block until that block's backward."""
+    idx = {n: i for i, n in enumerate(graph.order)}
+    roots = {idx.get(graph.root(o), idx[o]) for o in graph.outputs if o in idx}
+    held = np.zeros(costs.n, dtype=bool)
+    held[list(roots | {i for i in range(costs.n) if graph.order[i] in graph.outputs})] = True
+    return dataclasses.replace(costs, needed_b=np.where(held, 0.0, costs.needed_b),
+                               static_bytes=costs.static_bytes + int(sum(costs.out_b[r] for r in roots)))
+
+
+def backward_extra_bytes(graph: MemGraph, own_b: np.ndarray) -> np.ndarray:
+    """Per node: bytes its backward allocates beyond the input gradients (Kusumoto's work term). PReLU's
+    kernel writes its weight gradient per element, a buffer of the input's size, before summing it."""
+    idx = {n: i for i, n in enumerate(graph.order)}
+    out = np.zeros(len(graph.order))
+    for node in graph.gm.graph.nodes:
+        if node.name not in idx:
+            continue
+        if node.op == "call_module":
+            mod = graph.gm.get_submodule(node.target)
+            prelu = isinstance(mod, nn.PReLU) and mod.weight.requires_grad
+        else:
+            prelu = "prelu" in graph.info(node.name).target.lower()
+        if prelu:
+            out[idx[node.name]] = sum(own_b[idx[graph.root(p)]] for p in graph.dag.predecessors(node.name))
+    return out
+
+
 @dataclass(frozen=True)
 class Rebuild:
     """How one block rebuilds its dropped inputs: the inputs, the nodes re-run, their FLOPs and working set."""
@@ -154,27 +191,36 @@ class RematFamily(Family):
     """
 
     def __init__(self, costs: CostArrays, masks: list[int], graph: MemGraph, dropped: frozenset[int],
-                 impure: frozenset[int], like: RematFamily | None = None):
-        """``like``: a family of the same graph, costs and masks whose D-independent arrays are reused."""
+                 impure: frozenset[int], like: RematFamily | None = None, *, keep_output: bool = True,
+                 exact: bool = True):
+        """``like``: a family of the same graph, costs, masks and model whose D-independent arrays are reused.
+        ``keep_output``: the step holds the output through backward (counted as static). ``exact`` False:
+        the coarser model (no PReLU buffer, a view's saved storage counted again, the output not held),
+        a second heuristic path for the greedy; the simulator rates what either finds."""
         self.dropped = frozenset(dropped)
         self.dmask = np.zeros(costs.n, dtype=bool)
         self.dmask[list(self.dropped)] = True
+        self.exact = exact
+        if exact and keep_output:
+            costs = held_outputs(graph, costs)
         zeroed = dataclasses.replace(costs, needed_b=np.where(self.dmask, 0.0, costs.needed_b))
         if like is None:
             super().__init__(zeroed, masks)
-            self._graph_parts(graph)
+            self._graph_parts(graph, costs)
         else:
             for name in ("masks", "bits", "bnd", "pending", "sizes", "self_owned", "preds", "root", "own_b",
-                         "savers", "absent_grads_b"):
+                         "savers", "absent_grads_b", "backward_extra_b", "saved_once_b"):
                 setattr(self, name, getattr(like, name))
             self._cache = {}
+        costs = dataclasses.replace(costs, work_b=costs.work_b + self.backward_extra_b)
+        zeroed = dataclasses.replace(zeroed, work_b=costs.work_b)
         self.base, self.cz = costs, zeroed
         self.c = dataclasses.replace(zeroed, flops=costs.flops * TIME_HEADROOM)
         self.impure = impure
         self._closures: dict[tuple[int, int], tuple[int, tuple[int, ...]] | None] = {}
         self._unions: dict[tuple[int, tuple[int, ...]], tuple | None] = {}
 
-    def _graph_parts(self, graph: MemGraph) -> None:
+    def _graph_parts(self, graph: MemGraph, costs: CostArrays) -> None:
         """The arrays that depend on the graph only: predecessors, storage roots, own bytes, savers,
         and per set the parameter gradients that do not exist yet while a block above it runs backward."""
         idx = {n: i for i, n in enumerate(graph.order)}
@@ -186,6 +232,10 @@ class RematFamily(Family):
             for s in graph.info(nm).saved_from:
                 if s in idx:
                     self.savers[self.root[idx[s]]].append(i)
+        self.backward_extra_b = backward_extra_bytes(graph, self.own_b) if self.exact else np.zeros(costs.n)
+        # a view's saved storage is its root's: counted once, where the root is rebuilt, kept or held
+        self.saved_once_b = (np.where([graph.info(nm).alias_of is None for nm in graph.order], costs.needed_b, 0.0)
+                             if self.exact else costs.needed_b)
         grads = param_gradients(graph)
         self.absent_grads_b = np.array([float(sum(b for r, b in grads if not r & ~m)) for m in self.masks])
 
@@ -274,7 +324,7 @@ class RematFamily(Family):
         if a in self._cache:
             return self._cache[a]
         c = self.base
-        t = block_terms(self, a, self.dmask, saved_b=c.needed_b)
+        t = block_terms(self, a, self.dmask, saved_b=self.saved_once_b)
         v = t.v
         reads = self.dropped_inputs(a, v)
         keep, per_node = t.keep_b.copy(), t.per_node_b.copy()
@@ -415,7 +465,7 @@ def _score(x: Candidate, fam_kept_b: float, memory_centric: bool) -> tuple[float
 
 
 def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOptions,
-           deadline: float) -> tuple[list[Candidate], list[Candidate], str]:
+           deadline: float, exact: bool = True) -> tuple[list[Candidate], list[Candidate], str]:
     """Candidates the greedy accepts (the first is D = {}, Kusumoto's chain), then the ``extra_rated``
     best-scoring ones it did not (the cost model can misjudge a plateau), and why it stopped.
 
@@ -430,14 +480,15 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
     fams: dict[frozenset[int], RematFamily] = {}
     floors: dict[frozenset[int], float] = {}
     found: dict[frozenset[int], Candidate] = {}
-    template = RematFamily(costs, masks, graph, frozenset(), impure)
+    template = RematFamily(costs, masks, graph, frozenset(), impure, keep_output=opts.keep_output, exact=exact)
 
     def run(dropped: frozenset[int]):
         """The score of a D. Least memory: (DP floor, least kept bytes at it) straight from min_kept, no
         time DP (the chain is solved only for the candidates kept); under a budget: the least time."""
         if dropped in seen:
             return seen[dropped]
-        fam = fams[dropped] = RematFamily(costs, masks, graph, dropped, impure, like=template)
+        fam = fams[dropped] = RematFamily(costs, masks, graph, dropped, impure, like=template,
+                                          keep_output=opts.keep_output, exact=exact)
         if memory_centric:
             bound = floors[cur] * (1 + 1e-3) if cur in floors and np.isfinite(floors[cur]) else None
             floor = floors[dropped] = least_budget(fam, below=bound)
@@ -463,7 +514,7 @@ def greedy(graph: MemGraph, costs: CostArrays, masks: list[int], opts: RematOpti
     cur, recent = frozenset(), frozenset()     # recent: dropped by the last move, tried back next round
     accepted, why = [candidate(cur)], f"{opts.max_rounds} rounds done"
     for _ in range(opts.max_rounds):
-        fam = RematFamily(costs, masks, graph, cur, impure, like=template)
+        fam = RematFamily(costs, masks, graph, cur, impure, like=template, keep_output=opts.keep_output, exact=exact)
         kept = _kept_nodes(fam, candidate(cur).chain)
         adds = sorted((u for u in kept if u in droppable and u not in cur),
                       key=lambda u: -costs.out_b[u])[:opts.candidates_per_round]
@@ -528,7 +579,8 @@ def calibrated_budget(graph: MemGraph, costs: CostArrays, masks: list[int], opts
     """The DP budget whose Kusumoto chain simulates closest under ``opts.budget_bytes`` (the cost model is
     pessimistic by a few percent): moved by the simulation's error, as memplan.plan calibrates."""
     budget = int(opts.budget_bytes)
-    fam = RematFamily(costs, masks, graph, frozenset(), frozenset())     # D = {}: Kusumoto's chain, remat's costs
+    fam = RematFamily(costs, masks, graph, frozenset(), frozenset(),     # D = {}: Kusumoto's chain, remat's costs
+                      keep_output=opts.keep_output)
     target, best, best_time, last = budget, None, float("inf"), None
     for _ in range(rounds):
         result = least_time(fam, float(target), time_steps=opts.time_steps * TIME_HEADROOM)
@@ -577,7 +629,8 @@ def plan_for_dropped(graph: MemGraph, dropped, options: RematOptions) -> Plan:
                         scratch={i.name: i.scratch_cpu_bytes for i in graph} if options.scratch == "cpu" else None)
     masks, kind, why, count = lower_set_masks(graph, options.lower_set_bound)
     impure = frozenset(graph.index(n) for n in impure_nodes(graph))
-    fam = RematFamily(costs, masks, graph, frozenset(graph.index(n) for n in names), impure)
+    fam = RematFamily(costs, masks, graph, frozenset(graph.index(n) for n in names), impure,
+                      keep_output=options.keep_output)
     cand = solve(fam, options.budget_bytes, options.time_steps)
     if cand is None:
         raise BudgetError(f"no chain with dropped {names} fits {format_bytes(options.budget_bytes or 0)}; "
@@ -637,21 +690,43 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
     if options.budget_bytes is not None and options.example_inputs:
         internal = dataclasses.replace(options, budget_bytes=calibrated_budget(graph, costs, masks, options))
     try:
-        accepted, extras, stop = greedy(graph, costs, masks, internal, t0 + 0.7 * options.time_limit_s)
+        accepted, extras, stop = greedy(graph, costs, masks, internal,
+                                        t0 + (0.45 if options.example_inputs else 0.7) * options.time_limit_s)
     except BudgetError:
         if options.budget_bytes is None:
             raise
         return least_memory_within(graph, options)
+    coarse: list[Candidate] = []
+    coarse_stop = "not run (no example inputs to rate it, or no time left)"
+    if options.example_inputs and time.perf_counter() < t0 + 0.5 * options.time_limit_s:
+        # the greedy is a heuristic: the coarser model's path can reach a D the exact one's never tries;
+        # its candidates are re-solved under the exact model and the simulator rates both
+        try:
+            got, got_extras, coarse_stop = greedy(graph, costs, masks, internal, t0 + 0.6 * options.time_limit_s,
+                                                  exact=False)
+        except BudgetError:
+            got, got_extras, coarse_stop = [], [], "no chain fits the budget"
+        for c in got[1:][::-1] + got_extras:
+            fam = RematFamily(costs, masks, graph, c.dropped, impure, keep_output=options.keep_output)
+            coarse.append(solve(fam, internal.budget_bytes, options.time_steps) or c)
+    looser: list[Candidate] = []
+    if options.budget_bytes is not None and options.example_inputs:
+        # the model errs by tenths of a percent near the budget: chains solved a little above the DP's
+        # budget (for D = {} and the greedy's last D) may still simulate within it, with less recompute
+        for d in dict.fromkeys([frozenset(), accepted[-1].dropped]):
+            fam = RematFamily(costs, masks, graph, d, impure, keep_output=options.keep_output)
+            looser += [c for f in LOOSER_BUDGETS if (c := solve(fam, internal.budget_bytes * f, options.time_steps))]
     vanilla_chain = tuple((1 << (i + 1)) - 1 for i in range(len(graph)))
     from .costmodel import chain_cost
     vanilla_peak = chain_cost(costs, list(vanilla_chain))[0]
 
     def to_plan(cand: Candidate) -> Plan:
-        fam = RematFamily(costs, masks, graph, cand.dropped, impure)
+        fam = RematFamily(costs, masks, graph, cand.dropped, impure, keep_output=options.keep_output)
         fwd = float(costs.flops.sum()) or 1.0
         segments = fam.segments(graph, cand.chain)
-        return Plan(segments=segments, predicted_peak_bytes=int(cand.peak_b),
-                    predicted_overhead=cand.time / fwd, vanilla_peak_bytes=int(vanilla_peak),
+        peak, t = fam.chain_cost(cand.chain)
+        return Plan(segments=segments, predicted_peak_bytes=int(peak),
+                    predicted_overhead=t / fwd, vanilla_peak_bytes=int(vanilla_peak),
                     budget_bytes=options.budget_bytes,
                     objective="memory-centric" if options.budget_bytes is None else "time-centric",
                     method="remat", method_reason="", lower_set_count=count, fingerprint=graph.fingerprint(),
@@ -665,18 +740,26 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
                                  optimizer=options.optimizer, scratch=options.scratch, amp=options.amp,
                                  keep_output=options.keep_output, threads=options.threads).peak_bytes
 
-        rated_first = [accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]
-        rest = accepted[1:-1][::-1] + extras               # the latest accepted first, then the extras
-        sims = [sim(c) for c in rated_first]
-        for c in rest:                                     # as many as the time limit allows
-            if time.perf_counter() > t0 + options.time_limit_s:
-                break
-            sims.append(sim(c))
-        accepted = (rated_first + rest)[:len(sims)]
-        plans = [to_plan(c) for c in accepted]
+        # always rated: D = {}, each path's last accepted; then the latest accepted first, then the extras
+        first = ([accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]) + coarse[:1]
+        rest = looser + accepted[1:-1][::-1] + extras + coarse[1:]
+        unique = list({(c.dropped, c.chain): c for c in first + rest}.values())   # first occurrence wins
+        n_first = len({(c.dropped, c.chain) for c in first})
+        rated_first, rest = unique[:n_first], unique[n_first:]
+        t_sim = time.perf_counter()
         vanilla_sim = simulate_step(graph.original_gm, options.example_inputs, loss_fn=options.loss_fn,
                                     optimizer=options.optimizer, scratch=options.scratch, amp=options.amp,
-                                 keep_output=options.keep_output, threads=options.threads).peak_bytes
+                                    keep_output=options.keep_output, threads=options.threads).peak_bytes
+        longest = time.perf_counter() - t_sim
+        sims = []
+        for i, c in enumerate(rated_first + rest):          # the rest: while one more fits in the time limit
+            if i >= len(rated_first) and time.perf_counter() + longest > t0 + options.time_limit_s:
+                break
+            t_sim = time.perf_counter()
+            sims.append(sim(c))
+            longest = max(longest, time.perf_counter() - t_sim)
+        accepted = (rated_first + rest)[:len(sims)]
+        plans = [to_plan(c) for c in accepted]
         plans = [with_simulation(p, s, vanilla_sim) for p, s in zip(plans, sims)]
         limit = options.budget_bytes if options.budget_bytes is not None else fit_bytes
         fits = [i for i in range(len(plans)) if limit is not None and sims[i] <= limit]
@@ -690,11 +773,12 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
         pick, rated = len(plans) - 1, "cost model"
     chosen = accepted[pick]
     names = [graph.order[u] for u in sorted(chosen.dropped)]
-    if pick == 0:
-        why = (f"remat planner fell back to Kusumoto's chain (no dropped tensor helped, {rated}; "
-               f"greedy stopped: {stop})")
+    if not chosen.dropped:
+        why = (f"remat planner fell back to Kusumoto's chain (no dropped tensor helped, {rated}"
+               f"{'' if pick == 0 else '; solved at a looser DP budget, within the budget in simulation'}; "
+               f"greedy stopped: {stop}; coarser model's path: {coarse_stop})")
     else:
         why = (f"remat: Kusumoto DP ({family_kind}, {family_why}) with {len(names)} dropped tensor(s) "
                f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}), best of {len(plans)} "
-               f"greedy candidates by {rated} peak; greedy stopped: {stop}")
+               f"greedy candidates by {rated} peak; greedy stopped: {stop}; coarser model's path: {coarse_stop}")
     return dataclasses.replace(plans[pick], method_reason=why, planning_time_s=time.perf_counter() - t0)

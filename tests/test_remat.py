@@ -346,3 +346,60 @@ def test_a_family_built_like_another_has_the_same_block_costs():
         t1, t2 = fresh.transitions(a), shared.transitions(a)
         for f in ("targets", "keep_b", "peak_b", "time", "recompute"):
             assert np.array_equal(getattr(t1, f), getattr(t2, f)), (a, f)
+
+
+class ViewHead(nn.Module):
+    """conv -> relu -> two views of relu's storage -> 1x1 conv: one stored tensor behind three nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(1, 4, 3, padding=1), nn.Conv1d(4, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        return self.c2(y.view(1, 4, 10, 100).view(1, 4, 1000))
+
+
+def test_the_exact_model_counts_a_view_s_saved_storage_once():
+    g = memplan.trace(ViewHead(), torch.empty(1, 1, 1000, device="meta"))
+    costs = build_costs(g, optimizer="sgd")
+    masks, _, _, _ = lower_set_masks(g, 2000)
+    assert g.order == ["c1", "relu", "view", "view_1", "c2"]
+    exact = RematFamily(costs, masks, g, frozenset(), frozenset())
+    coarse = RematFamily(costs, masks, g, frozenset(), frozenset(), exact=False)
+    # by hand: relu's output, 4 ch x 1000 x 4 B = 16,000 B, saved by relu's and c2's backward; the views own
+    # nothing. Rebuilding relu's storage costs 16,000 B once; the coarse model charges it per node (3x)
+    four = 4 * 1000 * 4
+    assert list(exact.saved_once_b[1:4]) == [four, 0, 0]
+    assert list(coarse.saved_once_b[1:4]) == [four, four, four]
+
+
+def test_the_exact_model_counts_prelu_s_backward_buffer():
+    net = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.PReLU(), nn.Conv1d(4, 2, 1))
+    g = memplan.trace(net, torch.empty(1, 1, 1000, device="meta"))
+    costs = build_costs(g, optimizer="sgd")
+    masks, _, _, _ = lower_set_masks(g, 2000)
+    exact = RematFamily(costs, masks, g, frozenset(), frozenset())
+    coarse = RematFamily(costs, masks, g, frozenset(), frozenset(), exact=False)
+    # by hand: PReLU's backward writes its weight gradient per element of its input (4 ch x 1000 x 4 B)
+    # before summing it to one value; conv backward allocates nothing beyond the input gradients
+    assert list(exact.backward_extra_b) == [0, 4 * 1000 * 4, 0]
+    assert list(exact.c.work_b - costs.work_b) == [0, 4 * 1000 * 4, 0]
+    assert np.array_equal(coarse.c.work_b, costs.work_b)
+    frozen = copy.deepcopy(net).requires_grad_(False)          # no weight gradient, no buffer
+    gf = memplan.trace(frozen, torch.empty(1, 1, 1000, device="meta"))
+    fam = RematFamily(build_costs(gf, optimizer="sgd"), masks, gf, frozenset(), frozenset())
+    assert not fam.backward_extra_b.any()
+
+
+def test_the_exact_model_holds_the_output_through_backward_when_the_step_does():
+    g = memplan.trace(ViewHead(), torch.empty(1, 1, 1000, device="meta"))
+    costs = build_costs(g, optimizer="sgd")
+    masks, _, _, _ = lower_set_masks(g, 2000)
+    held = RematFamily(costs, masks, g, frozenset(), frozenset())
+    dropped = RematFamily(costs, masks, g, frozenset(), frozenset(), keep_output=False)
+    # by hand: the output c2 is 2 ch x 1000 x 4 B = 8,000 B; the loop holds it for the whole step, so it is
+    # static, and no block keeps it for its backward
+    out = g.order.index("c2")
+    assert held.c.static_bytes - dropped.c.static_bytes == 2 * 1000 * 4 == held.c.static_bytes - costs.static_bytes
+    assert held.c.needed_b[out] == 0 and dropped.c.needed_b[out] == costs.needed_b[out] == 2 * 1000 * 4
