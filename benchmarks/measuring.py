@@ -86,17 +86,10 @@ def live_bytes(r: Runner) -> int:
 def cpu_step_peak(r: Runner) -> int:
     """Peak bytes of one step on CPU: live bytes before it plus the largest running sum of the
     profiler's allocator events (frees of tensors allocated before the step count too)."""
-    from torch.profiler import ProfilerActivity, profile
+    from memplan.measure import allocator_events, running_peak
     base = live_bytes(r)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(r)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return base + peak
+    _, deltas = allocator_events(lambda: train_step(r))
+    return base + running_peak(deltas)[0]
 
 
 def cuda_step_peak(r: Runner) -> int:

@@ -685,19 +685,39 @@ def measure_step(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | N
         peak = torch.cuda.max_memory_allocated(device)
         return MemoryReport(peak_bytes=int(peak), breakdown={"before step": base}, timeline=[],
                             method="measured (cuda max_memory_allocated)", peak_op="")
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_steps(work, inputs, loss_fn, optimizer, **run)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    _, deltas = allocator_events(lambda: run_steps(work, inputs, loss_fn, optimizer, **run))
     current = peak = 0
     timeline = []
-    for e in events:
-        current += e.nbytes()
-        timeline.append(("alloc" if e.nbytes() > 0 else "free", base + current))
+    for nbytes in deltas:
+        current += nbytes
+        timeline.append(("alloc" if nbytes > 0 else "free", base + current))
         peak = max(peak, current)
     return MemoryReport(peak_bytes=base + peak, breakdown={"before step": base, "step": peak},
                         timeline=timeline, method="measured (cpu profiler)", peak_op="")
+
+
+def allocator_events(fn: Callable[[], Any]) -> tuple[Any, list[int]]:
+    """``fn()``'s result and the CPU allocator's events while it ran (bytes, + allocated / - freed, in time
+    order) from the profiler; frees of storages allocated before ``fn`` count too."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return result, [e.nbytes() for e in events]
+
+
+def running_peak(deltas: Sequence[int]) -> tuple[int, int]:
+    """The largest running sum of allocator ``deltas`` (0 at the start) and the final sum.
+
+    >>> running_peak([100, 50, -120, 30])
+    (150, 60)
+    """
+    current = peak = 0
+    for nbytes in deltas:
+        current += nbytes
+        peak = max(peak, current)
+    return peak, current
 
 
 def measure_device(device: Any) -> torch.device:

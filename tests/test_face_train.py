@@ -151,23 +151,20 @@ def test_fixed_anchor_rows_give_the_real_losss_peak(least_memory):
 def _profiled_train_steps(network, model, image, landmarks, anchors, steps=2):
     """Peak bytes of ``steps`` real face training steps (targets built per step, as train() does), by the
     CPU profiler: the bytes live before (parameters, buffers, image, anchors) plus the largest running sum."""
-    from torch.profiler import ProfilerActivity, profile
+    from memplan.measure import allocator_events, running_peak
     live = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in [*model.parameters(), *model.buffers(), image, anchors]}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def steps_run() -> None:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(0)
         for _ in range(steps):
             targets, boxes = batch_targets(landmarks, anchors, box_scale=0.5, generator=generator)
             train_step(network, optimizer, image, targets, boxes, anchors, num_anchors=model.num_anchors)
             del targets, boxes
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return sum(live.values()) + peak
+
+    _, deltas = allocator_events(steps_run)
+    return sum(live.values()) + running_peak(deltas)[0]
 
 
 def test_real_training_step_peaks_at_the_planned_step_plus_the_loops_held_bytes(least_memory):

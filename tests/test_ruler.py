@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 import memplan
 from memplan import MemplanError
 from memplan import measure
-from memplan.measure import conv_scratch_bytes, cuda_allocation_bytes
+from memplan.measure import allocator_events, conv_scratch_bytes, cuda_allocation_bytes, running_peak
 
 RNG_STATE_B = 5056          # torch.get_rng_state(): the mt19937 generator state as bytes
 
@@ -107,15 +107,8 @@ def test_target_and_scratch_validation():
 # -- the CPU convolution scratch model, per op, against the profiler -------------------------------
 def _profiled_scratch(fn) -> int:
     """Peak of the allocator events while ``fn`` runs, minus what is still allocated after it."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        keep = fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
+    keep, deltas = allocator_events(fn)
+    peak, cur = running_peak(deltas)
     del keep
     return peak - cur
 
