@@ -615,9 +615,12 @@ def plan_for_dropped(graph: MemGraph, dropped, options: RematOptions) -> Plan:
     >>> import torch, memplan
     >>> net = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(2, 1, 1))
     >>> g = memplan.trace(net, torch.empty(1, 1, 64, device="meta"))
-    >>> p = plan_for_dropped(g, ["_1"], RematOptions(optimizer="sgd"))
+    >>> p = plan_for_dropped(g, ["_1"], RematOptions(optimizer="sgd", keep_output=False))
     >>> [(s.nodes, s.recompute, s.kept, s.rebuilt) for s in p.segments]   # _1 is never kept: rebuilt for _2
     [(('_0', '_1'), True, (), ()), (('_2',), True, ('_2',), ('_1',))]
+    >>> p = plan_for_dropped(g, ["_1"], RematOptions(optimizer="sgd"))   # output held: one segment is cheaper
+    >>> [(s.nodes, s.recompute, s.kept, s.rebuilt) for s in p.segments]
+    [(('_0', '_1', '_2'), True, ('_2',), ())]
     """
     names = list(dropped)
     allowed = droppable_nodes(graph)
