@@ -198,8 +198,8 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
     stay in it with ``out_bytes == 0`` and ``alias_of`` set; in-place writes into other nodes' values
     become ``MemGraph.together`` groups, writes into inputs or parameters ``MemGraph.pinned`` nodes.
     """
-    dtype = check_amp(None if amp is None else check_amp_mode(amp).value)
-    amp = None if dtype is None else check_amp_mode(amp).value
+    amp = None if amp is None else check_amp_mode(amp).value
+    dtype = check_amp(amp)
     world = FakeWorld(home_device(gm, example_inputs))
     fgm = world.module(gm)
     inputs = world.inputs(example_inputs)

@@ -55,7 +55,7 @@ def cuda_allocation_bytes(nbytes: int) -> int:
 
 def check_amp(amp: str | None) -> torch.dtype | None:
     """The autocast dtype of ``amp`` (None, "bf16" or "fp16"); MemplanError for anything else."""
-    if amp not in AMP_DTYPES:
+    if not (amp is None or isinstance(amp, str)) or amp not in AMP_DTYPES:
         raise MemplanError(f"unknown amp mode {amp!r}; choose None (full precision), 'bf16' or 'fp16'")
     return AMP_DTYPES[amp]
 

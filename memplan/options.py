@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import MemplanError
 from .graph import DEFAULT_LOWER_SET_BOUND
+from .measure import check_amp
 from .registry import lookup
 from .units import parse_bytes
 
@@ -65,12 +66,10 @@ def check_amp_mode(amp: Any) -> Amp | None:
     ...
     memplan.errors.MemplanError: unknown amp mode 'fp8'; choose None (full precision), 'bf16' or 'fp16'
     """
-    if amp is None:
-        return None
-    try:
-        return Amp(amp)
-    except ValueError:
-        raise MemplanError(f"unknown amp mode {amp!r}; choose None (full precision), 'bf16' or 'fp16'") from None
+    if amp is None or isinstance(amp, Amp):
+        return amp
+    check_amp(amp)                      # the ruler's check: one list of modes, one message
+    return Amp(amp)
 
 
 def amp_text(amp: Any) -> str:
