@@ -158,6 +158,21 @@ ONEDNN_STRIDED_FIXED_B, ONEDNN_STRIDED_PER_THREAD_B = 12_288, 24_600
 
 
 @functools.lru_cache(maxsize=None)
+def onednn_block() -> int:
+    """Channels per block of oneDNN's fp32 kernels on this CPU: 16 (nCdhw16c) with AVX512, else 8
+    (nCdhw8c, AVX2). The blocking, like the thread count, is the machine's, so the CPU model reads it."""
+    return 16 if torch._C._cpu._get_cpu_capability().get("avx512_f") else 8
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively here (AVX512-BF16 without AMX): the CPU the bf16
+    rules were read on; other CPUs get the rough bf16 model."""
+    cap = torch._C._cpu._get_cpu_capability()
+    return bool(cap.get("avx512_bf16")) and not cpu_has_amx()
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles: oneDNN's reduced-precision kernels (and their scratch) differ
     there from AVX512-BF16 ones, so the bf16 model depends on it (the ISA, like threads, is the machine's)."""
@@ -209,9 +224,11 @@ class _Conv:
     transposed: bool
     strided: bool
     pointwise: bool
+    block: int = 16          # oneDNN's channel block (onednn_block(); 16 for the bf16 kernels)
 
     @staticmethod
-    def of(x: torch.Tensor, w: torch.Tensor, stride, padding, transposed: bool, groups: int) -> "_Conv":
+    def of(x: torch.Tensor, w: torch.Tensor, stride, padding, transposed: bool, groups: int,
+           block: int = 16) -> "_Conv":
         spatial, k = tuple(x.shape[2:]), tuple(w.shape[2:])
         if transposed:
             c_out = w.shape[1] * groups
@@ -221,15 +238,19 @@ class _Conv:
             out = tuple((spatial[i] + 2 * padding[i] - k[i]) // stride[i] + 1 for i in range(3))
         pointwise = all(v == 1 for v in k) and all(v == 1 for v in stride) and not any(padding)
         return _Conv(x.shape[0], x.shape[1], c_out, k, spatial, out, x.element_size(), groups, transposed,
-                     any(s > 1 for s in stride), pointwise)
+                     any(s > 1 for s in stride), pointwise, block)
 
     def act(self, c: int, vox: tuple[int, ...]) -> int:
         """Bytes of an activation with ``c`` channels over ``vox``."""
         return self.n * c * math.prod(vox) * self.esize
 
+    def blocked(self, c: int) -> int:
+        """``c`` channels rounded up to whole oneDNN blocks."""
+        return self.block * math.ceil(c / self.block)
+
 
 def _block16(c: int) -> int:
-    """oneDNN's fp32 kernels keep channels in blocks of 16 (nCdhw16c): ``c`` rounded up."""
+    """oneDNN's bf16 kernels (AVX512-BF16) keep channels in blocks of 16 (nCdhw16c): ``c`` rounded up."""
     return 16 * math.ceil(c / 16)
 
 
@@ -257,19 +278,19 @@ def _slow_conv_scratch(cv: _Conv, backward: bool, grad_input: bool = True) -> in
 
 
 def _onednn_weights(cv: _Conv, *, backward_data: bool = False) -> int:
-    """Bytes of oneDNN's blocked fp32 weights: C_out padded to 16; C_in too when it is >= 16, the
+    """Bytes of oneDNN's blocked weights: C_out padded to a whole block; C_in too when it fills one, the
     kernel is 1x1x1, or (backward data) always."""
-    pad_in = backward_data or cv.pointwise or cv.c_in >= 16
-    c_in = _block16(cv.c_in) if pad_in else cv.c_in
-    return _block16(cv.c_out) * c_in * math.prod(cv.k) * cv.esize // max(cv.groups, 1)
+    pad_in = backward_data or cv.pointwise or cv.c_in >= cv.block
+    c_in = cv.blocked(cv.c_in) if pad_in else cv.c_in
+    return cv.blocked(cv.c_out) * c_in * math.prod(cv.k) * cv.esize // max(cv.groups, 1)
 
 
 def _onednn_forward(cv: _Conv, threads: int = 1) -> int:
-    """oneDNN forward: ``max(b(x) + b(w) + b(y), b(y) + y) - y``, where b(t) is t in 16-channel
-    blocks; the input is read in place when C_in < 16 (but for a 1x1x1 kernel)."""
+    """oneDNN forward: ``max(b(x) + b(w) + b(y), b(y) + y) - y``, where b(t) is t in channel blocks;
+    the input is read in place when C_in is less than a block (but for a 1x1x1 kernel)."""
     y_sz = cv.act(cv.c_out, cv.out)
-    x_b = cv.act(_block16(cv.c_in), cv.spatial) if cv.c_in >= 16 or cv.pointwise else 0
-    y_b = cv.act(_block16(cv.c_out), cv.out)
+    x_b = cv.act(cv.blocked(cv.c_in), cv.spatial) if cv.c_in >= cv.block or cv.pointwise else 0
+    y_b = cv.act(cv.blocked(cv.c_out), cv.out)
     copies = _bf16_pointwise_copies(cv, threads, cv.c_out)
     return max(copies + x_b + _onednn_weights(cv) + y_b, y_b + y_sz) - y_sz
 
@@ -287,16 +308,17 @@ def _onednn_weight_grad(cv: _Conv, threads: int) -> int:
     w_sz = cv.c_out * cv.c_in * math.prod(cv.k) * cv.esize // max(cv.groups, 1)
     b_sz = cv.c_out * cv.esize
     wider = any(cv.k[i] > cv.spatial[i] for i in range(3))
-    if wider or (4 <= cv.c_in < 16 and not cv.pointwise):
+    if wider or (not cv.pointwise and (cv.block < 16 or 4 <= cv.c_in < 16)):
         cols = cv.c_in * math.prod(cv.k) * math.prod(cv.out[1:]) * cv.esize
-        return max(w_sz + threads * (cols + 4 * w_sz) + 256, 2 * w_sz) + 2 * b_sz
+        workers = threads if cv.block == 16 else min(cv.n, threads)     # AVX2 splits the batch only
+        return max(w_sz + workers * (cols + 4 * w_sz) + 256, 2 * w_sz) + 2 * b_sz
     first_layer = cv.c_in < 4 and not cv.pointwise
-    x_b = 0 if first_layer else cv.act(_block16(cv.c_in), cv.spatial)
+    x_b = 0 if first_layer else cv.act(cv.blocked(cv.c_in), cv.spatial)
     w_b = _onednn_weights(cv)
-    nthr_mb = threads // (math.ceil(cv.c_out / 16) * math.ceil(cv.c_in / 16))
+    nthr_mb = threads // (math.ceil(cv.c_out / cv.block) * math.ceil(cv.c_in / cv.block))
     reduction = (nthr_mb - 1) * w_b + ONEDNN_REDUCTION_FIXED_B if nthr_mb > 1 else 0
     # the blocked buffers, then the blocked weight gradient reordered into the plain one
-    return max(x_b + cv.act(_block16(cv.c_out), cv.out) + w_b + reduction + b_sz, w_b + w_sz + 2 * b_sz)
+    return max(x_b + cv.act(cv.blocked(cv.c_out), cv.out) + w_b + reduction + b_sz, w_b + w_sz + 2 * b_sz)
 
 
 def _bf16_pointwise_copies(cv: _Conv, threads: int, channels: int) -> int:
@@ -356,15 +378,15 @@ def _onednn_backward(cv: _Conv, threads: int, grad_input: bool) -> int:
     x_sz = cv.act(cv.c_in, cv.spatial)
     w_sz = cv.c_out * cv.c_in * math.prod(cv.k) * cv.esize // max(cv.groups, 1)
     outputs = w_sz + cv.c_out * cv.esize + (x_sz if grad_input else 0)
-    gx_b = cv.act(_block16(cv.c_in), cv.spatial)
-    y_b = cv.act(_block16(cv.c_out), cv.out)
+    gx_b = cv.act(cv.blocked(cv.c_in), cv.spatial)
+    y_b = cv.act(cv.blocked(cv.c_out), cv.out)
     weight_grad = _bf16_weight_grad(cv, threads) if cv.esize == 2 else _onednn_weight_grad(cv, threads)
     phases = [(x_sz if grad_input else 0) + weight_grad]
     if grad_input:
         strided = ONEDNN_STRIDED_FIXED_B + threads * ONEDNN_STRIDED_PER_THREAD_B if cv.strided else 0
         copies = _bf16_pointwise_copies(cv, threads, cv.c_in)
         phases += [y_b + _onednn_weights(cv, backward_data=True) + gx_b + strided + copies, gx_b + x_sz]
-        if cv.strided and cv.c_in >= 16:
+        if cv.strided and cv.c_in >= cv.block:
             phases.append(x_sz + gx_b + gx_b)
     return max(0, max(phases) - outputs)
 
@@ -373,10 +395,10 @@ def _onednn_legacy(cv: _Conv, backward: bool, grad_input: bool) -> int:
     """The earlier fp32 model, kept for transposed and grouped convolutions (not re-measured):
     weight gradient with 2 (9 when the kernel is wider than the input) weight-sized buffers."""
     x_sz, y_sz = cv.act(cv.c_in, cv.spatial), cv.act(cv.c_out, cv.out)
-    gx_b = cv.act(_block16(cv.c_in), cv.spatial)
-    x_b = gx_b if cv.c_in >= 16 else 0
-    y_b = cv.act(_block16(cv.c_out), cv.out)
-    w_b = _block16(cv.c_out) * (_block16(cv.c_in) if cv.c_in >= 16 else cv.c_in) * math.prod(cv.k) \
+    gx_b = cv.act(cv.blocked(cv.c_in), cv.spatial)
+    x_b = gx_b if cv.c_in >= cv.block else 0
+    y_b = cv.act(cv.blocked(cv.c_out), cv.out)
+    w_b = cv.blocked(cv.c_out) * (cv.blocked(cv.c_in) if cv.c_in >= cv.block else cv.c_in) * math.prod(cv.k) \
         * cv.esize // max(cv.groups, 1)
     if not backward:
         return max(x_b + w_b + y_b, y_b + y_sz) - y_sz
@@ -397,21 +419,23 @@ def conv_scratch_bytes(x: torch.Tensor, w: torch.Tensor, stride, padding, transp
     """Bytes a CPU 3D convolution holds beyond its inputs and outputs at its peak; 0 for other ranks.
 
     Which kernel runs follows ATen (``_uses_onednn``); ATen's slow_conv3d unfolds its input
-    (``_slow_conv_scratch``); fp32 oneDNN works in 16-channel blocked copies (``_onednn_forward``,
+    (``_slow_conv_scratch``); fp32 oneDNN works in blocked copies (16 channels with AVX512, 8 with AVX2:
+    ``onednn_block``) (``_onednn_forward``,
     ``_onednn_backward``; transposed and grouped ones: ``_onednn_legacy``). bfloat16 on an AVX512-BF16
     CPU without AMX runs the same blocked kernels at 2 bytes an element, with its own weight-gradient
     buffers (``_bf16_weight_grad``) and, for a 1x1x1 kernel, fp32 copies of the blocked input
-    (``_bf16_pointwise_copies``). Else (fp16, AMX, transposed or grouped bf16) a rough model: 2x the
+    (``_bf16_pointwise_copies``). Else (fp16, AMX, a CPU without AVX512-BF16, transposed or grouped bf16)
+    a rough model: 2x the
     largest blocked activation forward, 5x backward (measured 2.0-2.4x and 3.8-8.3x per op with AMX).
     """
     if x.dim() != 5:
         return 0
     threads = torch.get_num_threads() if threads is None else threads
-    cv = _Conv.of(x, w, stride, padding, transposed, groups)
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    cv = _Conv.of(x, w, stride, padding, transposed, groups, block=16 if half else onednn_block())
     if not _uses_onednn(cv, x.dtype, threads):
         return _slow_conv_scratch(cv, backward, grad_input)
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    if half and (x.dtype == torch.float16 or transposed or groups > 1 or cpu_has_amx()):
+    if half and (x.dtype == torch.float16 or transposed or groups > 1 or not cpu_has_bf16_kernels()):
         x_b, y_b = cv.act(_block16(cv.c_in), cv.spatial), cv.act(_block16(cv.c_out), cv.out)
         return (5 if backward else 2) * max(x_b if cv.c_in >= 16 else 0, y_b, x_b if backward else 0)
     if transposed or groups > 1:

@@ -37,14 +37,10 @@ PLANNERS.update({
 })
 
 
-#: planners that substitute blocks and re-analyse the new network themselves, at full precision
-NETWORK_CHANGING = frozenset({"rev", "rev-only"})
-
-
 def plan_graph(graph: MemGraph, options: PlanOptions) -> Plan:
     """Plan a traced graph with the planner ``options.method`` names, on byte facts analysed for the
     step's precision (:func:`memplan.analyze.at_precision`: bf16 activations are half the bytes); the plan
-    records the step's precision, output lifetime and thread count (:func:`memplan.plan.stamped`)."""
-    if options.method not in NETWORK_CHANGING:
-        graph = at_precision(graph, options.amp)
+    records the step's precision, output lifetime and thread count (:func:`memplan.plan.stamped`). The REV
+    planners re-analyse each substituted network at the same precision."""
+    graph = at_precision(graph, options.amp)
     return stamped(lookup(options.method)(graph, options), options)

@@ -110,7 +110,9 @@ class _Context:
         cands = self.chosen(names)
         free = {c.name: bool((flags or {}).get(c.name, False)) for c in cands}
         gm, reps = substitute_rev(self.graph.gm, cands, seed=self.options.rev_seed, free_input=free)
-        graph = analyze(gm, self.options.example_inputs, tracer=self.graph.tracer, notes=self.graph.trace_notes)
+        amp = None if self.options.amp is None else self.options.amp.value
+        graph = analyze(gm, self.options.example_inputs, tracer=self.graph.tracer, notes=self.graph.trace_notes,
+                        amp=amp)
         check_output_shapes(self.graph, graph)
         node_of = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_module"}
         return graph, reps, {r.name: node_of[r.new_module] for r in reps}
