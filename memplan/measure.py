@@ -255,14 +255,22 @@ def _block16(c: int) -> int:
 
 
 def _uses_onednn(cv: _Conv, dtype: torch.dtype, threads: int) -> bool:
-    """ATen's ``use_mkldnn`` for a CPU 3D convolution: bf16/fp16 always; fp32 unless a 1x1x1
+    """ATen's ``use_mkldnn`` for a CPU 3D convolution: bf16/fp16 where oneDNN supports them; fp32 unless a 1x1x1
     unstrided kernel at batch < 16 on one thread, and only for batch > 1, a kernel wider than 3 in
     the last two dims, groups > 1, or N*C*D*H > 20480."""
-    if dtype in (torch.bfloat16, torch.float16):
-        return True
+    if dtype in (torch.bfloat16, torch.float16):       # without oneDNN support (AVX2): slow_conv3d
+        return _onednn_supports(dtype)
     return dtype == torch.float32 and (not cv.pointwise or cv.n >= 16 or threads > 1) and (
         cv.groups > 1 or (cv.k[-1] > 3 and cv.k[-2] > 3) or cv.n > 1
         or cv.n * cv.c_in * cv.spatial[0] * cv.spatial[1] > 20480)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_supports(dtype: torch.dtype) -> bool:
+    """ATen's check that oneDNN runs ``dtype`` convolutions on this CPU (bf16 needs AVX512 cores)."""
+    check = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else \
+        torch.ops.mkldnn._is_mkldnn_fp16_supported
+    return bool(check())
 
 
 def _slow_conv_scratch(cv: _Conv, backward: bool, grad_input: bool = True) -> int:
