@@ -185,3 +185,44 @@ class SharedNormBranches(nn.Module):
         coarse = self.deep(self.encoder(self.down(s)))
         fine = torch.nn.functional.avg_pool3d(self.encoder(s), 2)
         return self.head(torch.cat([coarse, fine], 1))
+
+
+class CheckpointInside(nn.Module):
+    """Residual blocks that already call ``torch.utils.checkpoint.checkpoint`` (non-reentrant) in forward."""
+
+    def __init__(self, width: int = 4, blocks: int = 3):
+        super().__init__()
+        self.stem = nn.Conv3d(1, width, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv3d(width, width, 3, padding=1), nn.GroupNorm(2, width),
+                                                  nn.GELU(), nn.Conv3d(width, width, 3, padding=1))
+                                    for _ in range(blocks))
+        self.head = nn.Conv3d(width, 2, 1)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + checkpoint(block, h, use_reentrant=False)
+        return self.head(h)
+
+
+class InterpolateCatList(nn.Module):
+    """Dense features gathered in a Python list and ``torch.cat`` over it in a loop, then a coarse path
+    brought back with ``F.interpolate(scale_factor=...)`` (trilinear, then nearest on the output)."""
+
+    def __init__(self, width: int = 4, layers: int = 3):
+        super().__init__()
+        self.stem = nn.Conv3d(1, width, 3, padding=1, stride=2)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Conv3d(width * (i + 1), width, 3, padding=1), nn.ReLU())
+                                    for i in range(layers))
+        self.coarse = nn.Sequential(nn.Conv3d(width * (layers + 1), width, 3, padding=1, stride=2), nn.ReLU())
+        self.head = nn.Conv3d(width * (layers + 2), 2, 3, padding=1)
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        for layer in self.layers:
+            feats.append(layer(torch.cat(feats, 1)))
+        dense = torch.cat(feats, dim=1)
+        up = torch.nn.functional.interpolate(self.coarse(dense), scale_factor=2, mode="trilinear", align_corners=False)
+        out = self.head(torch.cat([dense, up], 1))
+        return torch.nn.functional.interpolate(out, scale_factor=2.0, mode="nearest")
