@@ -204,7 +204,8 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
 
     Nodes that produce no tensor (guards, asserts) are left out of the DAG; views and in-place ops
     stay in it with ``out_bytes == 0`` and ``alias_of`` set; in-place writes into other nodes' values
-    become ``MemGraph.together`` groups, writes into inputs or parameters ``MemGraph.pinned`` nodes.
+    become ``MemGraph.together`` groups, writes into inputs or parameters ``MemGraph.pinned`` nodes;
+    random draws and the writers of one buffer become ``MemGraph.ordered`` groups (kept in fx order).
     """
     amp = None if amp is None else check_amp_mode(amp).value
     dtype = check_amp(amp)
