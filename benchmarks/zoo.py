@@ -47,6 +47,12 @@ def _unetr(size: int) -> nn.Module:
                           hidden_size=24 if small else 96, mlp_dim=48 if small else 192, num_heads=2 if small else 4)
 
 
+def _dynunet(size: int) -> nn.Module:
+    return _monai().DynUNet(3, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
+                            filters=[4, 8, 16, 32] if size <= 32 else [16, 32, 64, 128], res_block=True,
+                            deep_supervision=True, deep_supr_num=2)
+
+
 def _densenet(size: int) -> nn.Module:
     if size <= 32:
         return _monai().DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, init_features=8, growth_rate=4,
@@ -73,6 +79,11 @@ ZOO: tuple[ZooEntry, ...] = (
     ZooEntry("AttentionUnet", lambda s: _monai().AttentionUnet(spatial_dims=3, in_channels=1, out_channels=2,
                                                                channels=(8, 16, 32, 64), strides=(2, 2, 2)),
              (1, 1, 16, 16, 16), (1, 1, 128, 128, 128), "monai AttentionUnet(3, 1, 2, (8,16,32,64), (2,2,2))"),
+    ZooEntry("VNet", lambda s: _monai().VNet(spatial_dims=3, in_channels=1, out_channels=2), (2, 1, 16, 16, 16),
+             (1, 1, 96, 96, 96), "monai VNet(3, 1, 2): ELU(inplace=True), Dropout3d(0.5) on the skip connections"),
+    ZooEntry("DynUNet-deepsup", _dynunet, (1, 1, 16, 16, 16), (1, 1, 128, 128, 128),
+             "monai DynUNet(3, 1, 2, kernels 3, strides (1,2,2,2), filters (16,32,64,128), res_block, "
+             "deep_supervision=True, deep_supr_num=2)"),
     ZooEntry("iadd-resnet", lambda s: idioms.IAddResNet(width=4 if s <= 32 else 16), (1, 1, 8, 8, 8),
              (1, 1, 128, 128, 128), "out += identity, ReLU(inplace=True)"),
     ZooEntry("elu-inplace", lambda s: idioms.InplaceChain(nn.ELU, True, width=4 if s <= 32 else 16), (1, 1, 8, 8, 8),
@@ -85,6 +96,10 @@ ZOO: tuple[ZooEntry, ...] = (
              (2, 1, 128, 128, 128), "torch.rand(B,1,1,1,1, device=h.device) drop-path"),
     ZooEntry("bn-momentum-none", lambda s: idioms.CumulativeBN(width=4 if s <= 32 else 16), (2, 1, 8, 8, 8),
              (2, 1, 128, 128, 128), "BatchNorm3d(momentum=None)"),
+    ZooEntry("checkpoint-inside", lambda s: idioms.CheckpointInside(width=4 if s <= 32 else 16), (1, 1, 8, 8, 8),
+             (1, 1, 128, 128, 128), "torch.utils.checkpoint(block, h, use_reentrant=False) already in forward"),
+    ZooEntry("interpolate-cat-list", lambda s: idioms.InterpolateCatList(width=4 if s <= 32 else 16), (1, 1, 8, 8, 8),
+             (1, 1, 128, 128, 128), "torch.cat over a list grown in a loop, F.interpolate(scale_factor=2)"),
     ZooEntry("baked-constants", lambda s: idioms.BakedConstants(width=4 if s <= 32 else 16), (1, 1, 8, 8, 8),
              (1, 1, 128, 128, 128), "CPU constant tensors baked in by torch.export"),
 )

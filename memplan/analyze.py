@@ -34,6 +34,7 @@ class _Recorder(torch.fx.Interpreter):
         self.infos: dict[str, NodeInfo] = {}
         self.saved_refs: list[torch.Tensor] = []  # keep saved tensors alive so storage keys stay unique
         self.extra_seen: set[int] = set()      # saved buffers already counted (autocast's cached weight casts)
+        self.outside_writers: dict[int, list[str]] = {}   # parameter/buffer/input storage -> nodes writing it
         for t in gm.parameters():
             self.owner[storage_key(t)] = _PARAM
         for t in gm.buffers():
@@ -69,8 +70,12 @@ class _Recorder(torch.fx.Interpreter):
         # storages that existed before this node and that it wrote into: in-place ops on others' values
         mutates = tuple(dict.fromkeys(self.owner[k] for k in scratch.written if k in self.owner
                                       and self.owner[k] != n.name))
+        for k in dict.fromkeys(scratch.written):
+            if self.owner.get(k) in OUTSIDE:
+                self.outside_writers.setdefault(k, []).append(n.name)
         self.infos[n.name] = dataclasses.replace(info, scratch_cpu_bytes=scratch.peak, mutates=mutates,
-                                                 cast_grad_bytes=self._cast_grads(scratch.casts, value))
+                                                 cast_grad_bytes=self._cast_grads(scratch.casts, value),
+                                                 draws_random=scratch.random)
         return value
 
     def _cast_grads(self, casts: list[tuple[torch.Tensor, torch.Tensor]], value: Any) -> int:
@@ -136,17 +141,20 @@ def _owned_keys(tree: Any) -> set[int]:
 
 
 class _ScratchProbe(TorchDispatchMode):
-    """Largest CPU convolution scratch (forward or backward) among the ops one node dispatches, and
-    the storages those ops write into (their schemas' mutable arguments)."""
+    """Largest CPU convolution scratch (forward or backward) among the ops one node dispatches, the
+    storages those ops write into (their schemas' mutable arguments), and whether any of them draws
+    from the random generator (ATen's ``nondeterministic_seeded`` tag: dropout, bernoulli_, rand, ...)."""
 
     def __init__(self):
         super().__init__()
         self.peak = 0
+        self.random = False
         self.written: list[int] = []
         self.casts: list[tuple[torch.Tensor, torch.Tensor]] = []   # (source, copy) of dtype casts
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.written += [storage_key(t) for t in written_args(func, args, kwargs or {})]
+        self.random = self.random or torch.Tag.nondeterministic_seeded in func.tags
         if str(func.overloadpacket) == "aten.convolution":
             x, w, stride, padding, transposed, groups = args[0], args[1], args[3], args[4], bool(args[6]), int(args[8])
             self.peak = max(self.peak, *(conv_scratch_bytes(x, w, stride, padding, transposed, groups, backward=b)
@@ -196,7 +204,8 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
 
     Nodes that produce no tensor (guards, asserts) are left out of the DAG; views and in-place ops
     stay in it with ``out_bytes == 0`` and ``alias_of`` set; in-place writes into other nodes' values
-    become ``MemGraph.together`` groups, writes into inputs or parameters ``MemGraph.pinned`` nodes.
+    become ``MemGraph.together`` groups, writes into inputs or parameters ``MemGraph.pinned`` nodes;
+    random draws and the writers of one buffer become ``MemGraph.ordered`` groups (kept in fx order).
     """
     amp = None if amp is None else check_amp_mode(amp).value
     dtype = check_amp(amp)
@@ -246,6 +255,7 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
     del result
     together, pinned = _mutation_constraints(gm, dag, order, infos, keep)
     return MemGraph(gm=gm, dag=dag, order=order, outputs=outputs, input_bytes=input_bytes,
+                    ordered=_effect_order(order, infos, rec.outside_writers),
                     param_bytes=param_bytes, trainable_param_bytes=trainable, buffer_bytes=buffer_bytes,
                     tracer=tracer, trace_notes=notes, shared_reads=tuple(shared), together=together,
                     pinned=pinned, amp=amp, example_inputs=to_meta(tuple(example_inputs)))
@@ -267,6 +277,18 @@ def at_precision(graph: MemGraph, amp: str | None) -> MemGraph:
     new = analyze(base.gm, base.example_inputs, tracer=base.tracer, notes=base.trace_notes, amp=amp)
     return dataclasses.replace(new, source_gm=base.source_gm, out_of_place=base.out_of_place,
                                full_precision=base if base.amp is None else None)
+
+
+def _effect_order(order: list[str], infos: dict[str, NodeInfo], outside_writers: dict[int, list[str]]
+                  ) -> tuple[tuple[str, ...], ...]:
+    """Node groups whose fx order a plan must keep although no data edge orders them: the nodes that
+    draw random numbers (they share the generator, so a dropout run earlier draws another mask) and
+    the nodes writing one parameter, buffer or input (a BatchNorm called twice updates its statistics
+    in a fixed order)."""
+    index = {name: i for i, name in enumerate(order)}
+    groups = [tuple(n for n in order if infos[n].draws_random)]
+    groups += [tuple(sorted(set(w) & index.keys(), key=index.__getitem__)) for w in outside_writers.values()]
+    return tuple(dict.fromkeys(g for g in groups if len(g) >= 2))
 
 
 def _mutation_constraints(gm: torch.fx.GraphModule, dag: nx.DiGraph, order: list[str], infos: dict[str, NodeInfo],

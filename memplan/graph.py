@@ -46,6 +46,8 @@ class NodeInfo:
     mutates: tuple[str, ...] = ()
     #: gradient bytes the node's backward makes for dtype casts inside it (autocast) beyond its inputs' gradients
     cast_grad_bytes: int = 0
+    #: whether the node draws from the random generator (dropout, torch.rand, ...): its place in the draws matters
+    draws_random: bool = False
 
     @property
     def saved_kinds(self) -> dict[str, int]:
@@ -88,6 +90,8 @@ class MemGraph:
     together: tuple[tuple[str, ...], ...] = ()
     #: nodes that write into graph inputs or parameters (or read them before such a write): never recomputed
     pinned: frozenset[str] = frozenset()
+    #: node groups a plan runs in fx order though no edge orders them: random draws, writers of one buffer
+    ordered: tuple[tuple[str, ...], ...] = ()
     #: the traced module before in-place activations were made out-of-place (memplan.outofplace), if any
     source_gm: torch.fx.GraphModule | None = field(default=None, repr=False)
     #: what that rewrite changed: (node name, what it was) pairs
@@ -202,14 +206,15 @@ class MemGraph:
         return sorted(seen, key=lambda m: (m.bit_count(), m))
 
     def consumer_groups(self) -> list[list[int]]:
-        """Index lists (sorted) of the readers of each value read 3 or more times (by 2 or more nodes)."""
+        """Index lists (sorted) of node groups whose fx order a lower set keeps: the readers of each value
+        read 3 or more times (by 2 or more nodes), and the ``ordered`` groups (random draws, buffer writers)."""
         groups = []
         for n in self.order:
             readers = sorted(self._index[s] for s in self.dag.successors(n))
             uses = sum(self.dag.edges[n, self.order[r]].get("uses", 1) for r in readers) + (n in self.outputs)
             if uses >= 3 and len(readers) >= 2:
                 groups.append(readers)
-        groups += [sorted(self._index[s] for s in g) for g in self.shared_reads]
+        groups += [sorted(self._index[s] for s in g) for g in self.shared_reads + self.ordered]
         return groups
 
     def order_compatible(self, mask: int, groups: list[list[int]] | None = None) -> bool:
@@ -217,8 +222,9 @@ class MemGraph:
 
         Autograd sums a value's gradient contributions in reverse creation order of its readers;
         with 3 or more readers a different order rounds differently, so a plan may only move a
-        reader ahead of an earlier one if it wants bitwise-equal gradients. It must also keep every
-        in-place group whole (``keeps_together``).
+        reader ahead of an earlier one if it wants bitwise-equal gradients. Nor may it move a random
+        draw or a buffer write ahead of an earlier one (``ordered``): another dropout mask, another
+        running mean. It must also keep every in-place group whole (``keeps_together``).
         """
         for g in self.consumer_groups() if groups is None else groups:
             inside = [(mask >> i) & 1 for i in g]

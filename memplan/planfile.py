@@ -143,8 +143,9 @@ def validate_against_graph(plan: Any, graph: Any) -> None:
     """Raise PlanMismatchError unless ``plan.segments`` is a chain of ``graph`` the rewrite can run.
 
     Unique consecutive indices; every node in exactly one segment; a node's inputs in its own or an
-    earlier segment; kept nodes inside their segment; each in-place group in one segment; pinned nodes
-    (writes into inputs or parameters) in stored segments."""
+    earlier segment; kept nodes inside their segment; each in-place group in one segment; random draws
+    and writers of one buffer (``graph.ordered``) in fx order; pinned nodes (writes into inputs or
+    parameters) in stored segments."""
     segments = list(plan.segments)
     problem = _indices_problem([s.index for s in segments])
     if problem:
@@ -178,6 +179,13 @@ def validate_against_graph(plan: Any, graph: Any) -> None:
                 raise PlanMismatchError(
                     f"node {n!r} (segment {seg_of[n]}) reads {p!r} from the later segment {seg_of[p]}: segments "
                     f"must be in dependency order; {REPLAN}")
+    for group in graph.ordered:
+        for a, b in zip(group, group[1:]):
+            if seg_of[a] > seg_of[b]:
+                what = "draws random numbers" if graph.info(a).draws_random else "writes the same buffer"
+                raise PlanMismatchError(f"node {b!r} (segment {seg_of[b]}) {what} after {a!r} (segment {seg_of[a]}) "
+                                        f"in the network; a plan that runs it first changes what both compute; "
+                                        f"{REPLAN}")
     for group in graph.together:
         owners = sorted({seg_of[n] for n in group})
         if len(owners) > 1:

@@ -128,7 +128,7 @@ def impure_nodes(graph: MemGraph) -> frozenset[str]:
             mod = graph.gm.get_submodule(node.target)
             random = isinstance(mod, (nn.modules.dropout._DropoutNd, nn.AlphaDropout)) and mod.p > 0
             inplace = bool(getattr(mod, "inplace", False))
-        if random or inplace:
+        if random or inplace or graph.info(node.name).draws_random:
             out.add(node.name)
     return frozenset(out)
 

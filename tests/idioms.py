@@ -137,3 +137,92 @@ class NoGradGate(nn.Module):
         with torch.no_grad():
             gate = torch.sigmoid(self.frozen(x))
         return self.head(self.trained(x) * gate)
+
+
+class SkipDropout(nn.Module):
+    """VNet-style: dropout on a skip connection read only at the end, and dropouts in the coarse path
+    between. The skip's dropout (and pooling) depend on the stem alone, so a plan would like to run
+    them early and free the full-resolution stem, before the coarse path's draws."""
+
+    def __init__(self, width: int = 4, depth: int = 2, p: float = 0.5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(1, width, 3, padding=1), nn.ELU(), nn.Conv3d(width, width, 3, padding=1),
+                                  nn.ELU())
+        self.down = nn.Conv3d(width, 8 * width, 2, stride=2)
+        self.deep = nn.ModuleList(nn.Sequential(nn.Conv3d(8 * width, 8 * width, 3, padding=1), nn.ELU(),
+                                                nn.Dropout3d(p)) for _ in range(depth))
+        self.skip_drop = nn.Dropout3d(p)
+        self.head = nn.Conv3d(9 * width, 2, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        h = self.down(s)
+        for block in self.deep:
+            h = block(h)
+        skip = torch.nn.functional.avg_pool3d(self.skip_drop(s), 2)
+        return self.head(torch.cat([h, skip], 1))
+
+
+class SharedNormBranches(nn.Module):
+    """One Conv-BatchNorm encoder applied at two scales (shared-weights idiom): its running statistics
+    are updated twice per step, first by the coarse call. The fine call and its pooling depend on the
+    stem alone, so a plan would like to run them early and free the full-resolution stem."""
+
+    def __init__(self, width: int = 4, depth: int = 2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(1, width, 3, padding=1), nn.ELU(), nn.Conv3d(width, width, 3, padding=1),
+                                  nn.ELU())
+        self.down = nn.Conv3d(width, width, 2, stride=2)
+        self.encoder = nn.Sequential(nn.Conv3d(width, width, 3, padding=1), nn.BatchNorm3d(width), nn.ReLU())
+        layers: list[nn.Module] = [nn.Conv3d(width, 8 * width, 3, padding=1), nn.ELU()]
+        for _ in range(depth):
+            layers += [nn.Conv3d(8 * width, 8 * width, 3, padding=1), nn.ELU()]
+        self.deep = nn.Sequential(*layers)
+        self.head = nn.Conv3d(9 * width, 2, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        coarse = self.deep(self.encoder(self.down(s)))
+        fine = torch.nn.functional.avg_pool3d(self.encoder(s), 2)
+        return self.head(torch.cat([coarse, fine], 1))
+
+
+class CheckpointInside(nn.Module):
+    """Residual blocks that already call ``torch.utils.checkpoint.checkpoint`` (non-reentrant) in forward."""
+
+    def __init__(self, width: int = 4, blocks: int = 3):
+        super().__init__()
+        self.stem = nn.Conv3d(1, width, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv3d(width, width, 3, padding=1), nn.GroupNorm(2, width),
+                                                  nn.GELU(), nn.Conv3d(width, width, 3, padding=1))
+                                    for _ in range(blocks))
+        self.head = nn.Conv3d(width, 2, 1)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + checkpoint(block, h, use_reentrant=False)
+        return self.head(h)
+
+
+class InterpolateCatList(nn.Module):
+    """Dense features gathered in a Python list and ``torch.cat`` over it in a loop, then a coarse path
+    brought back with ``F.interpolate(scale_factor=...)`` (trilinear, then nearest on the output)."""
+
+    def __init__(self, width: int = 4, layers: int = 3):
+        super().__init__()
+        self.stem = nn.Conv3d(1, width, 3, padding=1, stride=2)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Conv3d(width * (i + 1), width, 3, padding=1), nn.ReLU())
+                                    for i in range(layers))
+        self.coarse = nn.Sequential(nn.Conv3d(width * (layers + 1), width, 3, padding=1, stride=2), nn.ReLU())
+        self.head = nn.Conv3d(width * (layers + 2), 2, 3, padding=1)
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        for layer in self.layers:
+            feats.append(layer(torch.cat(feats, 1)))
+        dense = torch.cat(feats, dim=1)
+        up = torch.nn.functional.interpolate(self.coarse(dense), scale_factor=2, mode="trilinear", align_corners=False)
+        out = self.head(torch.cat([dense, up], 1))
+        return torch.nn.functional.interpolate(out, scale_factor=2.0, mode="nearest")

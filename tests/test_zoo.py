@@ -11,8 +11,9 @@ from tests.bitwise import compile_and_compare
 
 pytest.importorskip("monai")
 
-SLOW_SMALL = {"UNETR", "DenseNet121", "BasicUNetPlusPlus", "SegResNetDS"}
-SLOW_CLINICAL = {"UNETR", "DenseNet121", "BasicUNetPlusPlus", "SegResNetDS", "AttentionUnet", "resnet18"}
+SLOW_SMALL = {"UNETR", "DenseNet121", "BasicUNetPlusPlus", "SegResNetDS", "VNet", "DynUNet-deepsup"}
+SLOW_CLINICAL = {"UNETR", "DenseNet121", "BasicUNetPlusPlus", "SegResNetDS", "AttentionUnet", "resnet18", "VNet",
+                 "DynUNet-deepsup"}
 
 
 def _marked(names, slow):
