@@ -36,7 +36,10 @@ next block's backward is seen), and a greedy is a heuristic: the exact model's p
 local optimum that a coarser model's path (none of those three terms) walks past. So, given example
 inputs, the greedy runs on both models; the coarse path's candidates are re-solved under the exact
 model, and the chains each path accepts and the best ones it did not are rated by simulate_step, the
-one simulator: the best simulated plan wins. D = {} is Kusumoto's chain under these block costs: the
+one simulator: the best simulated plan wins. Without a budget, the best chains are also split further
+(split_chain) where that lowers their blocks' peaks, counted per chain (RematFamily.chain_peaks): the DP,
+seeing one set at a time, charges a rebuild source that an earlier block keeps as held again, and stops
+at the model's one peak block although the simulator's may be another. D = {} is Kusumoto's chain under these block costs: the
 fallback when nothing beats it. Under a budget, the DP's budget is first calibrated by simulating that
 chain, as memplan.plan does, and the least recompute that simulates within the budget wins.
 
