@@ -781,7 +781,8 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
         # the best chains split further where that lowers their blocks' peaks (rated like the rest)
         for c in list({c.dropped: c for c in coarse[:1] + accepted[-1:]}.values())[::-1]:
             fam = RematFamily(costs, masks, graph, c.dropped, impure, keep_output=options.keep_output)
-            ch = split_chain(fam, c.chain, deadline=t0 + 0.7 * options.time_limit_s)
+            ch = split_chain(fam, c.chain, deadline=max(t0 + 0.7 * options.time_limit_s,
+                                                            time.perf_counter() + 0.1 * options.time_limit_s))
             if ch != c.chain:
                 split.append(Candidate(dropped=c.dropped, chain=ch, peak_b=max(fam.chain_peaks(ch)),
                                        time=fam.chain_cost(ch)[1], budget_b=c.budget_b))
