@@ -36,7 +36,10 @@ next block's backward is seen), and a greedy is a heuristic: the exact model's p
 local optimum that a coarser model's path (none of those three terms) walks past. So, given example
 inputs, the greedy runs on both models; the coarse path's candidates are re-solved under the exact
 model, and the chains each path accepts and the best ones it did not are rated by simulate_step, the
-one simulator: the best simulated plan wins. D = {} is Kusumoto's chain under these block costs: the
+one simulator: the best simulated plan wins. Without a budget, the best chains are also split further
+(split_chain) where that lowers their blocks' peaks, counted per chain (RematFamily.chain_peaks): the DP,
+seeing one set at a time, charges a rebuild source that an earlier block keeps as held again, and stops
+at the model's one peak block although the simulator's may be another. D = {} is Kusumoto's chain under these block costs: the
 fallback when nothing beats it. Under a budget, the DP's budget is first calibrated by simulating that
 chain, as memplan.plan does, and the least recompute that simulates within the budget wins.
 
@@ -181,6 +184,7 @@ class Rebuild:
     flops: float
     work_b: float                  # peak of the no_grad rebuild (the rebuilt inputs included)
     hold_b: float                  # sources the block must hold because nobody else keeps them
+    held: tuple[int, ...] = ()     # the sources that are not alive boundaries (charged in full in hold_b)
 
 
 class RematFamily(Family):
@@ -302,12 +306,13 @@ class RematFamily(Family):
             always = float(sum(c.out_b[s] for s in sources if not alive[s]))     # held by this block alone
             unless_read = [(list(c.succ_lists[s]), float(c.out_b[s])) for s in sorted(sources)
                            if alive[s] and self.cz.needed_b[s] == 0]             # held unless the block reads it
-            self._unions[key] = (nodes, float(c.flops[members].sum()), float(work), always, unless_read)
+            held = tuple(sorted(s for s in sources if not alive[s]))
+            self._unions[key] = (nodes, float(c.flops[members].sum()), float(work), always, unless_read, held)
         if self._unions[key] is None:
             return None
-        nodes, flops, work, always, unless_read = self._unions[key]
+        nodes, flops, work, always, unless_read, held = self._unions[key]
         hold = always + sum(b for succ, b in unless_read if not block[succ].any())
-        return Rebuild(inputs=inputs, nodes=nodes, flops=flops, work_b=work, hold_b=hold)
+        return Rebuild(inputs=inputs, nodes=nodes, flops=flops, work_b=work, hold_b=hold, held=held)
 
     def dropped_inputs(self, a: int, v: np.ndarray) -> list[tuple[int, ...]]:
         """Per target block (rows of ``v``): the dropped boundary nodes of set ``a`` it reads."""
@@ -365,6 +370,28 @@ class RematFamily(Family):
             a = pos[m]
         return peak, total
 
+    def chain_peaks(self, chain: tuple[int, ...]) -> list[float]:
+        """Peak bytes of each block of a chain, with what the DP cannot see from one set: a rebuild source
+        that an earlier block of this chain keeps (for a backward that runs after this block's) is alive
+        anyway, so this block does not hold it again."""
+        pos = {m: i for i, m in enumerate(self.masks)}
+        kept_nodes: set[int] = set()
+        out, kept, a, prev = [], 0.0, 0, 0
+        for m in chain:
+            tr = self.transitions(a)
+            j = int(np.nonzero(tr.targets == pos[m])[0][0])
+            block = m & ~prev
+            vb = np.array([(block >> x) & 1 for x in range(self.base.n)], dtype=bool)
+            inputs = self.dropped_inputs(a, vb[None, :])[0]
+            rb = self.rebuild(a, inputs, vb) if inputs else None
+            twice = 0.0 if rb is None else float(sum(self.base.out_b[s] for s in rb.held if s in kept_nodes))
+            out.append(self.c.static_bytes + kept + tr.peak_b[j] - twice)
+            kept += tr.keep_b[j] - twice
+            bnd = self.base.boundary(m) & block
+            kept_nodes |= {x for x in range(self.base.n) if bnd >> x & 1 and self.cz.needed_b[x] > 0}
+            a, prev = pos[m], m
+        return out
+
     def segments(self, graph: MemGraph, chain: tuple[int, ...]) -> tuple[Segment, ...]:
         """The chain as plan segments; a block reading dropped nodes names them and its rebuild."""
         pos = {m: i for i, m in enumerate(self.masks)}
@@ -411,6 +438,35 @@ def lower_set_masks(graph: MemGraph, bound: int) -> tuple[list[int], str, str, i
     prefixes = [(1 << (i + 1)) - 1 for i in range(len(graph))]
     masks = [m for m in [0, full] + graph.ancestor_masks() + prefixes if graph.order_compatible(m, groups)]
     return masks, "approx", f"more than {bound} lower sets", None
+
+
+def split_chain(fam: RematFamily, chain: tuple[int, ...], rounds: int = 8,
+                deadline: float = math.inf) -> tuple[int, ...]:
+    """``chain`` with blocks split where that lowers its block peaks (RematFamily.chain_peaks, sorted from
+    the highest, compared in turn): a split the DP rejects because it charges a rebuild source twice, or
+    one that lowers a block below the model's peak (the simulator may put the real peak there)."""
+    def score(ch: tuple[int, ...]) -> tuple[float, ...]:
+        return tuple(sorted((_sig(p) for p in fam.chain_peaks(ch)), reverse=True))
+
+    best, best_score = tuple(chain), score(tuple(chain))
+    for _ in range(rounds):
+        found = None
+        prev = 0
+        for i, m in enumerate(best):
+            for mid in fam.masks:
+                if time.perf_counter() > deadline:
+                    return best
+                if mid in (prev, m) or mid & prev != prev or mid & ~m:
+                    continue
+                ch = best[:i] + (mid,) + best[i:]
+                sc = score(ch)
+                if sc < (best_score if found is None else found[0]):
+                    found = (sc, ch)
+            prev = m
+        if found is None:
+            break
+        best_score, best = found
+    return best
 
 
 def least_budget(family: Family, rel_tol: float = 1e-3, below: float | None = None) -> float:
@@ -719,6 +775,17 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
         for d in dict.fromkeys([frozenset(), accepted[-1].dropped]):
             fam = RematFamily(costs, masks, graph, d, impure, keep_output=options.keep_output)
             looser += [c for f in LOOSER_BUDGETS if (c := solve(fam, internal.budget_bytes * f, options.time_steps))]
+    split: list[Candidate] = []
+    if options.budget_bytes is None:
+        # the DP charges a rebuild source twice when an earlier block keeps it, and sees one peak only:
+        # the best chains split further where that lowers their blocks' peaks (rated like the rest)
+        for c in list({c.dropped: c for c in coarse[:1] + accepted[-1:]}.values())[::-1]:
+            fam = RematFamily(costs, masks, graph, c.dropped, impure, keep_output=options.keep_output)
+            ch = split_chain(fam, c.chain, deadline=max(t0 + 0.7 * options.time_limit_s,
+                                                            time.perf_counter() + 0.1 * options.time_limit_s))
+            if ch != c.chain:
+                split.append(Candidate(dropped=c.dropped, chain=ch, peak_b=max(fam.chain_peaks(ch)),
+                                       time=fam.chain_cost(ch)[1], budget_b=c.budget_b))
     vanilla_chain = tuple((1 << (i + 1)) - 1 for i in range(len(graph)))
     from .costmodel import chain_cost
     vanilla_peak = chain_cost(costs, list(vanilla_chain))[0]
@@ -727,7 +794,8 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
         fam = RematFamily(costs, masks, graph, cand.dropped, impure, keep_output=options.keep_output)
         fwd = float(costs.flops.sum()) or 1.0
         segments = fam.segments(graph, cand.chain)
-        peak, t = fam.chain_cost(cand.chain)
+        t = fam.chain_cost(cand.chain)[1]
+        peak = max(fam.chain_peaks(cand.chain))
         return Plan(segments=segments, predicted_peak_bytes=int(peak),
                     predicted_overhead=t / fwd, vanilla_peak_bytes=int(vanilla_peak),
                     budget_bytes=options.budget_bytes,
@@ -744,7 +812,7 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
                                  keep_output=options.keep_output, threads=options.threads).peak_bytes
 
         # always rated: D = {}, each path's last accepted; then the latest accepted first, then the extras
-        first = ([accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]) + coarse[:1]
+        first = ([accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]) + coarse[:1] + split
         rest = looser + accepted[1:-1][::-1] + extras + coarse[1:]
         unique = list({(c.dropped, c.chain): c for c in first + rest}.values())   # first occurrence wins
         n_first = len({(c.dropped, c.chain) for c in first})
@@ -772,6 +840,7 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
             pick = min(fits, key=lambda i: plans[i].predicted_overhead) if fits else 0
         rated = "simulated"
     else:
+        accepted = accepted + split[-1:]           # the split of the greedy's last chain: lower block peaks
         plans = [to_plan(c) for c in accepted]
         pick, rated = len(plans) - 1, "cost model"
     chosen = accepted[pick]
@@ -784,4 +853,6 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
         why = (f"remat: Kusumoto DP ({family_kind}, {family_why}) with {len(names)} dropped tensor(s) "
                f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}), best of {len(plans)} "
                f"greedy candidates by {rated} peak; greedy stopped: {stop}; coarser model's path: {coarse_stop}")
+    if any(chosen is c for c in split):
+        why += f"; chain split further where that lowers block peaks ({len(chosen.chain)} blocks)"
     return dataclasses.replace(plans[pick], method_reason=why, planning_time_s=time.perf_counter() - t0)

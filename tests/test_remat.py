@@ -18,7 +18,7 @@ from memplan.costmodel import build_costs, param_gradients
 from memplan.errors import MemplanError
 from memplan.plan import Plan, Segment
 from memplan.remat import (RematFamily, RematOptions, droppable_nodes, impure_nodes, least_budget, lower_set_masks,
-                           plan_for_dropped, plan_remat, solve)
+                           plan_for_dropped, plan_remat, solve, split_chain)
 from tests.nets import TinyUNet3D
 
 
@@ -403,3 +403,32 @@ def test_the_exact_model_holds_the_output_through_backward_when_the_step_does():
     out = g.order.index("c2")
     assert held.c.static_bytes - dropped.c.static_bytes == 2 * 1000 * 4 == held.c.static_bytes - costs.static_bytes
     assert held.c.needed_b[out] == 0 and dropped.c.needed_b[out] == costs.needed_b[out] == 2 * 1000 * 4
+
+
+def test_a_rebuild_source_an_earlier_block_keeps_is_not_held_twice():
+    """D = {up}: the last block rebuilds up from relu_1 (half its length). relu_1 is not a boundary there,
+    so the DP charges it as held by that block; but the block [pool, c2, relu_1] keeps it (relu's own
+    backward reads it, and up is outside that block), alive until after the last block's backward.
+    chain_peaks counts it once: the last block's peak is lower by relu_1's bytes (4 channels x 32 x 4 B),
+    the others are the DP's. split_chain never raises the highest block peak and returns a chain."""
+    net = TinyUNet1D()
+    g = memplan.trace(net, torch.empty(1, 1, 64, device="meta"))
+    costs = build_costs(g, optimizer="sgd")
+    masks, _, _, _ = lower_set_masks(g, 2000)
+    fam = RematFamily(costs, masks, g, frozenset({g.index("up")}), frozenset(), keep_output=False)
+    ends = ["relu", "relu_1", "up", "c3"]
+    chain = tuple((1 << (g.index(e) + 1)) - 1 for e in ends)
+    assert g.order == ["c1", "relu", "pool", "c2", "relu_1", "up", "cat", "c3"] and all(m in masks for m in chain)
+    dp, kept, a = [], 0.0, 0
+    pos = {m: i for i, m in enumerate(fam.masks)}
+    for m in chain:
+        tr = fam.transitions(a)
+        j = int(np.nonzero(tr.targets == pos[m])[0][0])
+        dp.append(fam.c.static_bytes + kept + tr.peak_b[j])
+        kept, a = kept + tr.keep_b[j], pos[m]
+    got = fam.chain_peaks(chain)
+    assert got[:3] == dp[:3]
+    assert dp[3] - got[3] == 4 * 32 * 4
+    split = split_chain(fam, chain)
+    assert max(fam.chain_peaks(split)) <= max(got)
+    assert set(chain) <= set(split) and all(m in masks for m in split) and list(split) == sorted(split)
