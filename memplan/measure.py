@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -157,26 +158,48 @@ ONEDNN_REDUCTION_FIXED_B = 20_864
 ONEDNN_STRIDED_FIXED_B, ONEDNN_STRIDED_PER_THREAD_B = 12_288, 24_600
 
 
-@functools.lru_cache(maxsize=None)
-def onednn_block() -> int:
-    """Channels per block of oneDNN's fp32 kernels on this CPU: 16 (nCdhw16c) with AVX512, else 8
-    (nCdhw8c, AVX2). The blocking, like the thread count, is the machine's, so the CPU model reads it."""
-    return 16 if torch._C._cpu._get_cpu_capability().get("avx512_f") else 8
+#: the CPU kernel families the scratch model knows; MEMPLAN_CPU=<one of them> makes it assume that CPU
+#: (tools/gendocs pins "avx512-bf16" so documented figures match on any machine)
+CPU_KERNELS = ("avx512-bf16", "avx512", "amx", "avx2")
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_bf16_kernels() -> bool:
-    """Whether oneDNN runs bf16 convolutions natively here (AVX512-BF16 without AMX): the CPU the bf16
-    rules were read on; other CPUs get the rough bf16 model."""
+def _machine_kernels() -> str:
     cap = torch._C._cpu._get_cpu_capability()
-    return bool(cap.get("avx512_bf16")) and not cpu_has_amx()
+    if cap.get("amx_tile"):
+        return "amx"
+    if cap.get("avx512_bf16"):
+        return "avx512-bf16"
+    return "avx512" if cap.get("avx512_f") else "avx2"
 
 
-@functools.lru_cache(maxsize=None)
+def cpu_kernels() -> str:
+    """Which oneDNN kernel family the CPU scratch model assumes: this machine's, or ``MEMPLAN_CPU``'s.
+    The ISA, like the thread count, changes CPU scratch figures (never a plan's arithmetic)."""
+    forced = os.environ.get("MEMPLAN_CPU")
+    if not forced:
+        return _machine_kernels()
+    if forced not in CPU_KERNELS:
+        raise MemplanError(f"MEMPLAN_CPU={forced!r} is not a CPU kernel family the scratch model knows; use one "
+                           f"of {', '.join(CPU_KERNELS)} or unset it (this machine: {_machine_kernels()})")
+    return forced
+
+
+def onednn_block() -> int:
+    """Channels per block of oneDNN's fp32 kernels: 16 (nCdhw16c) with AVX512, 8 (nCdhw8c) with AVX2."""
+    return 8 if cpu_kernels() == "avx2" else 16
+
+
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively (AVX512-BF16 without AMX): the CPU the bf16 rules
+    were read on; other CPUs get the rough bf16 model (or, on AVX2, ATen's slow_conv3d)."""
+    return cpu_kernels() == "avx512-bf16"
+
+
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles: oneDNN's reduced-precision kernels (and their scratch) differ
-    there from AVX512-BF16 ones, so the bf16 model depends on it (the ISA, like threads, is the machine's)."""
-    return bool(torch._C._cpu._get_cpu_capability().get("amx_tile"))
+    """Whether the CPU has AMX tiles: oneDNN's reduced-precision kernels (and their scratch) differ
+    there from AVX512-BF16 ones, so the bf16 model depends on it."""
+    return cpu_kernels() == "amx"
 
 
 def _conv_scratch_cpu(func, args, threads: int) -> int:
@@ -265,9 +288,11 @@ def _uses_onednn(cv: _Conv, dtype: torch.dtype, threads: int) -> bool:
         or cv.n * cv.c_in * cv.spatial[0] * cv.spatial[1] > 20480)
 
 
-@functools.lru_cache(maxsize=None)
 def _onednn_supports(dtype: torch.dtype) -> bool:
-    """ATen's check that oneDNN runs ``dtype`` convolutions on this CPU (bf16 needs AVX512 cores)."""
+    """ATen's check that oneDNN runs ``dtype`` convolutions on this CPU: bf16 needs AVX512 cores, fp16
+    AVX512-FP16 or AMX (read from the machine unless MEMPLAN_CPU names the kernels)."""
+    if os.environ.get("MEMPLAN_CPU"):
+        return cpu_kernels() != "avx2" if dtype == torch.bfloat16 else cpu_kernels() == "amx"
     check = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else \
         torch.ops.mkldnn._is_mkldnn_fp16_supported
     return bool(check())

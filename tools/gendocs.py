@@ -41,6 +41,8 @@ COLUMNS = 100                                  # the terminal width the document
 #: the documented commands run on this many threads, as the tests do (conftest): CPU kernel scratch,
 #: and so every scratch="cpu" figure, depends on the thread count
 DOC_THREADS = 1
+#: ... and as on this CPU kernel family (memplan.measure.cpu_kernels): the ISA moves those figures too
+DOC_CPU = "avx512-bf16"
 FENCE = "```"
 _JSON_EXCERPT = re.compile(r"<!-- json-excerpt: (?P<cmd>.+?)(?:; omit (?P<omit>[\w,]+))?"
                            r"(?:; first (?P<first>[\w,]+))? -->")
@@ -69,18 +71,24 @@ def scratch_folder() -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _environment(cwd: Path) -> Iterator[None]:
-    """The documented commands' surroundings: ``cwd``, COLUMNS, and one OpenMP thread (the thread count is
-    part of a plan and of CPU scratch figures, so docs generated anywhere match tests/conftest.py's)."""
+    """The documented commands' surroundings: ``cwd``, COLUMNS, one OpenMP thread and the CPU kernels of
+    DOC_CPU (thread count and ISA are part of CPU scratch figures, so docs generated anywhere match)."""
     import torch
     old_cwd, old_columns, old_threads = Path.cwd(), os.environ.get("COLUMNS"), torch.get_num_threads()
+    old_cpu = os.environ.get("MEMPLAN_CPU")
     os.chdir(cwd)
     os.environ["COLUMNS"] = str(COLUMNS)
+    os.environ["MEMPLAN_CPU"] = DOC_CPU
     torch.set_num_threads(DOC_THREADS)
     try:
         yield
     finally:
         torch.set_num_threads(old_threads)
         os.chdir(old_cwd)
+        if old_cpu is None:
+            os.environ.pop("MEMPLAN_CPU", None)
+        else:
+            os.environ["MEMPLAN_CPU"] = old_cpu
         if old_columns is None:
             os.environ.pop("COLUMNS", None)
         else:
@@ -98,7 +106,8 @@ def run_command(command: str, cwd: Path, files: dict[str, str]) -> Result:
         return Result(out.getvalue(), err.getvalue(), code)
     if argv[0] == "python" and len(argv) == 2 and argv[1] in files:
         (cwd / argv[1]).write_text(files[argv[1]])
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": str(COLUMNS), "OMP_NUM_THREADS": str(DOC_THREADS)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": str(COLUMNS), "OMP_NUM_THREADS": str(DOC_THREADS),
+               "MEMPLAN_CPU": DOC_CPU}
         proc = subprocess.run([sys.executable, argv[1]], cwd=cwd, env=env, capture_output=True, text=True,
                               check=False, timeout=900)
         return Result(proc.stdout, proc.stderr, proc.returncode)
