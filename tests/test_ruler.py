@@ -169,6 +169,20 @@ def test_conv_scratch_by_hand_and_threads_explicit(block, monkeypatch):
     assert two > one
 
 
+def test_memplan_cpu_names_the_kernels_assumed_and_refuses_an_unknown_family(monkeypatch):
+    x, w = torch.empty(1, 16, 40, 40, 40, device="meta"), torch.empty(2, 16, 3, 3, 3, device="meta")
+    args = ([1, 1, 1], [1, 1, 1], False, 1)
+    monkeypatch.setenv("MEMPLAN_CPU", "avx2")
+    assert measure.onednn_block() == 8
+    # forward at 2 threads: x in 8-channel blocks (16 ch, 4,096,000 B), weights 8 x 16 x 27 x 4 B, output 8 ch
+    assert conv_scratch_bytes(x, w, *args, backward=False, threads=2) == 4_096_000 + 13_824 + 2_048_000 - 512_000
+    monkeypatch.setenv("MEMPLAN_CPU", "avx512-bf16")
+    assert measure.onednn_block() == 16 and measure.cpu_has_bf16_kernels()
+    monkeypatch.setenv("MEMPLAN_CPU", "avx9")
+    with pytest.raises(MemplanError, match="MEMPLAN_CPU='avx9' is not a CPU kernel family.*avx512-bf16, avx512, amx, avx2"):
+        memplan.simulate_step(nn.Conv3d(1, 2, 3), torch.empty(1, 1, 8, 8, 8, device="meta"))
+
+
 # -- mixed precision --------------------------------------------------------------------------------
 def test_amp_bf16_halves_activations_and_fp16_runs_a_grad_scaler():
     net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
