@@ -52,7 +52,7 @@ def _spec_key(data, n):
     return tuple(random_spec(lambda lo, hi: data.draw(st.integers(lo, hi)), n))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), which=st.sampled_from(["unet", "shared", "random"]), scratch=st.sampled_from(["cpu", "none"]),
        frac=st.floats(-0.2, 1.1))
 def test_every_budget_from_the_least_peak_up_is_accepted(data, which, scratch, frac):

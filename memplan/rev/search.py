@@ -43,7 +43,7 @@ import numpy as np
 from torch import nn
 
 from .._meta import as_tuple
-from ..analyze import analyze
+from ..analyze import analyze, at_precision
 from ..calibrate import bytes_pair, simulated_peak
 from ..costmodel import CostArrays, build_costs, chain_cost, node_scratch
 from ..errors import BudgetError, PlanMismatchError
@@ -110,9 +110,8 @@ class _Context:
         cands = self.chosen(names)
         free = {c.name: bool((flags or {}).get(c.name, False)) for c in cands}
         gm, reps = substitute_rev(self.graph.gm, cands, seed=self.options.rev_seed, free_input=free)
-        amp = None if self.options.amp is None else self.options.amp.value
         graph = analyze(gm, self.options.example_inputs, tracer=self.graph.tracer, notes=self.graph.trace_notes,
-                        amp=amp)
+                        amp=self.graph.amp)       # at the precision of the facts the context plans on
         check_output_shapes(self.graph, graph)
         node_of = {str(n.target): n.name for n in gm.graph.nodes if n.op == "call_module"}
         return graph, reps, {r.name: node_of[r.new_module] for r in reps}
@@ -455,7 +454,9 @@ def _gcp_step(ctx: _Context) -> RevOutcome:
 
 
 def compare_graph(graph: MemGraph, options: PlanOptions) -> RevComparison:
-    """Step 1, the heuristic and the joint stage by the cost model, the finalists by the ruler."""
+    """Step 1, the heuristic and the joint stage by the cost model, the finalists by the ruler; on byte
+    facts at the step's precision."""
+    graph = at_precision(graph, options.amp)
     times, t = [], time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -598,7 +599,7 @@ def estimate_rev_reach(graph: MemGraph, options: PlanOptions, floor_bytes: int) 
     peak relative to the GCP plan's, times ``floor_bytes`` (GCP's simulated floor). None without a candidate."""
     opts = dataclasses.replace(options, method=options.dp.value, budget_bytes=None, simulate=False,
                                pinned=frozenset(), rev_search=False)
-    ctx = _context(graph, opts)
+    ctx = _context(at_precision(graph, opts.amp), opts)
     if not ctx.candidates or not opts.example_inputs:
         return None
     gcp = dp_plan(graph, opts)
