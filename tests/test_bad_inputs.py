@@ -342,7 +342,7 @@ def test_in_place_groups_and_pinned_nodes_by_hand():
     dag = nx.DiGraph([("a", "b"), ("b", "c")])
 
     def graph(together=(), pinned=frozenset()):
-        return SimpleNamespace(order=["a", "b", "c"], dag=dag, together=together, pinned=pinned)
+        return SimpleNamespace(order=["a", "b", "c"], dag=dag, together=together, pinned=pinned, ordered=())
 
     def plan(*blocks, recompute=()):
         return SimpleNamespace(segments=tuple(Segment(index=i, nodes=tuple(b), kept=(b[-1],), recompute=i in recompute,
