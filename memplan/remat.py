@@ -370,39 +370,38 @@ class RematFamily(Family):
             a = pos[m]
         return peak, total
 
-    def chain_peaks(self, chain: tuple[int, ...]) -> list[float]:
-        """Peak bytes of each block of a chain, with what the DP cannot see from one set: a rebuild source
-        that an earlier block of this chain keeps (for a backward that runs after this block's) is alive
-        anyway, so this block does not hold it again."""
+    def _walk(self, chain: tuple[int, ...]):
+        """Per block of ``chain``: (mask, its transitions, the target index, the block's node mask and
+        bool row, the dropped inputs it reads, their Rebuild or None)."""
         pos = {m: i for i, m in enumerate(self.masks)}
-        kept_nodes: set[int] = set()
-        out, kept, a, prev = [], 0.0, 0, 0
+        a, prev = 0, 0
         for m in chain:
             tr = self.transitions(a)
             j = int(np.nonzero(tr.targets == pos[m])[0][0])
             block = m & ~prev
             vb = np.array([(block >> x) & 1 for x in range(self.base.n)], dtype=bool)
             inputs = self.dropped_inputs(a, vb[None, :])[0]
-            rb = self.rebuild(a, inputs, vb) if inputs else None
+            yield m, tr, j, block, inputs, self.rebuild(a, inputs, vb) if inputs else None
+            a, prev = pos[m], m
+
+    def chain_peaks(self, chain: tuple[int, ...]) -> list[float]:
+        """Peak bytes of each block of a chain, with what the DP cannot see from one set: a rebuild source
+        that an earlier block of this chain keeps (for a backward that runs after this block's) is alive
+        anyway, so this block does not hold it again."""
+        kept_nodes: set[int] = set()
+        out, kept = [], 0.0
+        for m, tr, j, block, _, rb in self._walk(chain):
             twice = 0.0 if rb is None else float(sum(self.base.out_b[s] for s in rb.held if s in kept_nodes))
             out.append(self.c.static_bytes + kept + tr.peak_b[j] - twice)
             kept += tr.keep_b[j] - twice
             bnd = self.base.boundary(m) & block
             kept_nodes |= {x for x in range(self.base.n) if bnd >> x & 1 and self.cz.needed_b[x] > 0}
-            a, prev = pos[m], m
         return out
 
     def segments(self, graph: MemGraph, chain: tuple[int, ...]) -> tuple[Segment, ...]:
         """The chain as plan segments; a block reading dropped nodes names them and its rebuild."""
-        pos = {m: i for i, m in enumerate(self.masks)}
-        out, a, prev = [], 0, 0
-        for i, m in enumerate(chain):
-            tr = self.transitions(a)
-            j = int(np.nonzero(tr.targets == pos[m])[0][0])
-            block = m & ~prev
-            vb = np.array([(block >> x) & 1 for x in range(self.base.n)], dtype=bool)
-            inputs = self.dropped_inputs(a, vb[None, :])[0]
-            rebuild = self.rebuild(a, inputs, vb) if inputs else None
+        out = []
+        for i, (m, tr, j, block, inputs, rebuild) in enumerate(self._walk(chain)):
             bnd = self.base.boundary(m) & block
             kept = [x for x in range(self.base.n) if bnd >> x & 1 and not self.dmask[x]]
             nodes = tuple(graph.names_of(block))
@@ -411,9 +410,7 @@ class RematFamily(Family):
                                flops=int(sum(graph.info(n).flops for n in nodes)),
                                rebuilt=tuple(graph.order[u] for u in inputs),
                                rebuild=() if rebuild is None else tuple(graph.names_of(rebuild.nodes))))
-            a, prev = pos[m], m
         return tuple(out)
-
 
 
 @dataclass(frozen=True)
