@@ -247,11 +247,15 @@ def test_fit_table_and_nothing_fits(capsys):
 # -- measure -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_measure_real_side_by_side():
-    proc = run("measure", CONVNET, "--budget", "1450KiB", "--real", "--repeat", "1", "--json")
+    # a budget halfway between the least-memory plan and vanilla on this CPU (its scratch figures follow the ISA)
+    loaded = load_model(CONVNET)
+    least = memplan.plan(loaded.model, loaded.inputs, threads=1)
+    budget = (least.simulated_peak_bytes + least.simulated_vanilla_peak_bytes) // 2
+    proc = run("measure", CONVNET, "--budget", str(budget), "--real", "--repeat", "1", "--json")
     assert proc.returncode == EXIT_OK, proc.stderr
     rec = json.loads(proc.stdout)
     v, p = rec["vanilla"], rec["planned"]
-    assert p["simulated_peak_bytes"] <= 1450 * 1024 < v["simulated_peak_bytes"]
+    assert p["simulated_peak_bytes"] <= budget < v["simulated_peak_bytes"]
     assert rec["simulated_ratio"] == pytest.approx(p["simulated_peak_bytes"] / v["simulated_peak_bytes"])
     # measured in the same run: the plan really holds less, and each step took time
     assert 0 < p["measured_peak_bytes"] < v["measured_peak_bytes"]
