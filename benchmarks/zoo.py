@@ -102,6 +102,8 @@ ZOO: tuple[ZooEntry, ...] = (
              (1, 1, 128, 128, 128), "torch.cat over a list grown in a loop, F.interpolate(scale_factor=2)"),
     ZooEntry("baked-constants", lambda s: idioms.BakedConstants(width=4 if s <= 32 else 16), (1, 1, 8, 8, 8),
              (1, 1, 128, 128, 128), "CPU constant tensors baked in by torch.export"),
+    ZooEntry("weight-standardized", lambda s: idioms.WeightStandardized(width=4 if s <= 32 else 16), (1, 1, 8, 8, 8),
+             (1, 1, 128, 128, 128), "weights standardized in forward, a split sized by weight.shape[0] // 2"),
 )
 
 

@@ -131,8 +131,8 @@ def rewrite(graph: MemGraph, plan: Plan) -> torch.fx.GraphModule:
     new = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     root = nn.Module()
-    for n in fx_nodes:                               # prelude: inputs and attributes
-        if n.op in ("placeholder", "get_attr"):
+    for n in fx_nodes:                               # prelude: inputs, attributes and what only they make
+        if n.op in ("placeholder", "get_attr") or (n.op != "output" and where.get(n.name) == -1):
             env[n] = new.node_copy(n, lambda a: env[a])
     recompute = {s.index for s in plan.segments if s.recompute}
     sources = rebuild_sources(graph, plan)          # remat rebuilds read these: their segments export them

@@ -226,3 +226,24 @@ class InterpolateCatList(nn.Module):
         up = torch.nn.functional.interpolate(self.coarse(dense), scale_factor=2, mode="trilinear", align_corners=False)
         out = self.head(torch.cat([dense, up], 1))
         return torch.nn.functional.interpolate(out, scale_factor=2.0, mode="nearest")
+
+
+class WeightStandardized(nn.Module):
+    """Convolutions that standardize their weight in forward (timm's StdConv, BiT) and a split whose
+    width comes from a parameter's shape: graph nodes that read parameters only, no activation."""
+
+    def __init__(self, width: int = 4, layers: int = 3):
+        super().__init__()
+        self.stem = nn.Conv3d(1, width, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv3d(width, width, 3, padding=1) for _ in range(layers))
+        self.head = nn.Conv3d(width, 2, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for conv in self.convs:
+            w = conv.weight
+            w = (w - w.mean(dim=(1, 2, 3, 4), keepdim=True)) / (w.std(dim=(1, 2, 3, 4), keepdim=True) + 1e-5)
+            h = torch.relu(torch.nn.functional.conv3d(h, w, conv.bias, 1, 1))
+            half = conv.weight.shape[0] // 2
+            h = torch.cat([h[:, :half] * 2, h[:, half:]], 1)
+        return self.head(h)
