@@ -23,6 +23,7 @@ from .rev.search import estimate_rev_reach, rebuild_rev_graph
 from .inputs import check_inputs
 from .planned import keyword_call, unwrap
 from .rewrite import compile_module, rewrite
+from .splitcat import rebuild_split_graph
 from .trace import trace
 from .units import format_bytes, parse_bytes
 
@@ -45,7 +46,7 @@ def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer
          method: str = "auto", rev: bool = False, loss_fn=None, scratch: str | None = None,
          lower_set_bound: int = DEFAULT_LOWER_SET_BOUND, simulate: bool = True,
          times: dict[str, float] | str | None = None, example_kwargs: dict | None = None, amp: str | None = None,
-         keep_output: bool = True, threads: int | None = None) -> Plan:
+         keep_output: bool = True, threads: int | None = None, split_concat: bool = False) -> Plan:
     """Decide what to keep and what to recompute for training ``model`` on ``example_inputs``.
 
     With ``budget`` (bytes or "12GB"): the least recompute whose whole training step fits.
@@ -55,7 +56,9 @@ def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer
     ``example_kwargs``: keyword arguments of the call; tensors among them become graph inputs.
     The step planned for: ``amp`` None (fp32), "bf16" or "fp16" autocast (fp16 with a GradScaler),
     ``keep_output`` the loop holding the output through backward, ``threads`` the CPU's OpenMP threads
-    (default torch.get_num_threads()); the plan records all three.
+    (default torch.get_num_threads()); the plan records all three. ``split_concat=True`` (opt-in, not
+    bitwise) first splits each convolution over a channel concatenation into per-part convolutions
+    (memplan.splitcat), which lowers a U-Net's floor; the plan lists every split.
     """
     inputs = as_tuple(example_inputs)
     check_inputs(model, inputs)
@@ -64,7 +67,7 @@ def plan(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer
         raise MemplanError(f"times must be a dict of node seconds or 'measured', got {times!r}")
     options = plan_options(model, inputs, budget=budget, optimizer=optimizer, method=method, rev=rev,
                            loss_fn=loss_fn, scratch=scratch, lower_set_bound=lower_set_bound, simulate=simulate,
-                           amp=amp, keep_output=keep_output, threads=threads)
+                           amp=amp, keep_output=keep_output, threads=threads, split_concat=split_concat)
     graph = trace(model, inputs)
     if times == "measured":
         from .analyze import measure_node_times
@@ -96,10 +99,21 @@ def _with_rev_hint(err: BudgetError, graph: MemGraph, options: PlanOptions) -> B
                        rev_min_bytes=int(reach))
 
 
+def _split_for(graph: MemGraph, the_plan: Plan) -> MemGraph:
+    """The graph ``the_plan`` runs: its convolutions over concatenations split as the plan says (with a
+    warning: the split rounds differently from the original)."""
+    if not the_plan.split_concat:
+        return graph
+    split = rebuild_split_graph(graph, the_plan)
+    warnings.warn(f"memplan splits {len(the_plan.split_concat)} convolution(s) over concatenations "
+                  "(split_concat=True): values and gradients round differently from the original", stacklevel=3)
+    return split
+
+
 def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimizer: str = "adam",
             method: str = "auto", rev: bool = False, plan: Plan | str | Path | None = None,
             loss_fn=None, scratch: str | None = None, example_kwargs: dict | None = None, amp: str | None = None,
-            keep_output: bool = True, threads: int | None = None) -> nn.Module:
+            keep_output: bool = True, threads: int | None = None, split_concat: bool = False) -> nn.Module:
     """A module that trains like ``model`` in less memory; it carries its plan as ``.memplan_plan``.
 
     Gradient checkpointing never changes what the network computes; the result shares ``model``'s
@@ -107,6 +121,7 @@ def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimi
     keyword arguments of the call; tensors among them are graph inputs, other values are fixed (checked).
     ``amp``, ``keep_output``, ``threads`` as in :func:`plan`; a saved ``plan`` must have been made for
     ``amp`` (PlanMismatchError naming both precisions). The result runs under torch.autocast like ``model``.
+    ``split_concat`` as in :func:`plan` (a saved plan that split convolutions splits them again).
     """
     call_inputs = as_tuple(example_inputs)
     check_inputs(model, call_inputs)
@@ -123,6 +138,7 @@ def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimi
     if plan is not None:
         the_plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
         graph = trace(traced, inputs)
+        graph = _split_for(graph, the_plan)
         if the_plan.rev:                           # rebuild the substituted network the plan was made for
             graph = rebuild_rev_graph(graph, inputs, the_plan)
             warnings.warn(f"memplan plan replaces {len(the_plan.rev)} pass(es) with reversible blocks: the "
@@ -130,9 +146,11 @@ def compile(model: nn.Module, example_inputs: Any, *, budget: Any = None, optimi
         check_plan(the_plan, graph, amp=amp)
     else:
         options = plan_options(traced, inputs, budget=budget, optimizer=optimizer, method=method, rev=rev,
-                               loss_fn=loss_fn, scratch=scratch, amp=amp, keep_output=keep_output, threads=threads)
+                               loss_fn=loss_fn, scratch=scratch, amp=amp, keep_output=keep_output, threads=threads,
+                               split_concat=split_concat)
         graph = trace(traced, inputs)
         the_plan = _planned(graph, options)
+        graph = _split_for(graph, the_plan)
         if the_plan.rev:
             graph = rebuild_rev_graph(graph, inputs, the_plan)
             warnings.warn("memplan REV substitution changed the network: its replaced blocks "

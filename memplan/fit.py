@@ -181,9 +181,10 @@ def _bracket(fits: Callable[[int], bool], n: int, min_n: int, max_n: int) -> tup
 
 def peak_function(model: nn.Module, strategy: str, *, optimizer: str = "adam", method: str = "auto",
                   scratch: str = "cpu", dtype: torch.dtype = torch.float32, amp: str | None = None,
-                  threads: int | None = None) -> PeakFn:
+                  threads: int | None = None, split_concat: bool = False) -> PeakFn:
     """shape -> the smallest simulated step peak ``strategy`` reaches at that input (meta tensors), the
-    step under ``amp`` autocast at ``threads`` OpenMP threads (as memplan.plan takes them)."""
+    step under ``amp`` autocast at ``threads`` OpenMP threads (as memplan.plan takes them); the GCP
+    strategies with ``split_concat`` split convolutions over concatenations first (not bitwise)."""
     import memplan
 
     def inputs(shape):
@@ -194,10 +195,10 @@ def peak_function(model: nn.Module, strategy: str, *, optimizer: str = "adam", m
                                                        amp=amp, threads=threads).peak_bytes
     if strategy == "GCP":
         return lambda s: _simulated(memplan.plan(model, inputs(s), optimizer=optimizer, method=method, scratch=scratch,
-                                                 amp=amp, threads=threads))
+                                                 amp=amp, threads=threads, split_concat=split_concat))
     if strategy == "GCP+REV":
         return lambda s: _simulated(memplan.plan(model, inputs(s), optimizer=optimizer, method=method, scratch=scratch,
-                                                 rev=True, amp=amp, threads=threads))
+                                                 rev=True, amp=amp, threads=threads, split_concat=split_concat))
     if strategy == "REV":
         from .rev_plan import rev_only_plan
         return lambda s: _simulated(rev_only_plan(model, inputs(s), optimizer=optimizer, scratch=scratch, amp=amp,
@@ -213,9 +214,9 @@ def fit(model: nn.Module, base: tuple[int, ...], budget_bytes: int, *, strategie
         axis: int | None = None, optimizer: str = "adam", method: str = "auto", scratch: str = "cpu",
         dtype: torch.dtype = torch.float32, on_result: Callable[[FitResult], None] | None = None,
         peak_wrapper: Callable[[str, PeakFn], PeakFn] | None = None, amp: str | None = None,
-        threads: int | None = None) -> tuple[Grid, list[FitResult]]:
+        threads: int | None = None, split_concat: bool = False) -> tuple[Grid, list[FitResult]]:
     """The largest input per strategy; later strategies start where the ones they include stopped.
-    ``amp``/``threads``: the simulated step's autocast and OpenMP threads.
+    ``amp``/``threads``: the simulated step's autocast and OpenMP threads; ``split_concat`` as in memplan.plan.
 
     ``peak_wrapper(strategy, fn)`` may wrap each peak function (progress reports); ``on_result`` sees each answer.
     """
@@ -228,7 +229,7 @@ def fit(model: nn.Module, base: tuple[int, ...], budget_bytes: int, *, strategie
     below = {"GCP": ("vanilla",), "REV": ("vanilla",), "GCP+REV": ("GCP", "REV", "vanilla")}
     for strategy in strategies:
         fn = peak_function(model, strategy, optimizer=optimizer, method=method, scratch=scratch, dtype=dtype,
-                           amp=amp, threads=threads)
+                           amp=amp, threads=threads, split_concat=split_concat)
         if peak_wrapper is not None:
             fn = peak_wrapper(strategy, fn)
         starts = [_index(grid, results[s].shape) for s in below.get(strategy, ()) if s in results]

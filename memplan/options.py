@@ -114,7 +114,9 @@ class PlanOptions:
     ``checkpoint_modules`` the hand baseline, ``rev_hint`` whether a BudgetError estimates REV's reach.
     ``amp``, ``keep_output`` and ``threads`` describe the step every simulation runs (simulate_step's
     arguments of those names); ``threads`` None is filled with torch.get_num_threads() when built, so a
-    plan records the OpenMP thread count its CPU scratch figures assume."""
+    plan records the OpenMP thread count its CPU scratch figures assume. ``split_concat``: split every
+    convolution over a channel concatenation into per-part convolutions first (memplan.splitcat; opt-in:
+    values and gradients round differently, the plan lists each split)."""
     method: str = "auto"
     budget_bytes: int | None = None
     optimizer: Optimizer = Optimizer.ADAM
@@ -133,6 +135,7 @@ class PlanOptions:
     amp: Amp | None = None
     keep_output: bool = True
     threads: int | None = None
+    split_concat: bool = False
     example_inputs: tuple = field(default=(), hash=False, compare=False, repr=False)
     loss_fn: Callable | None = field(default=None, hash=False, compare=False, repr=False)
 
@@ -162,7 +165,7 @@ class PlanOptions:
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise MemplanError(f"threads must be a positive int (OpenMP threads of the CPU step), got {self.threads!r}; "
                                "e.g. threads=torch.get_num_threads()")
-        for name in ("simulate", "rev_search", "rev_hint", "keep_output"):
+        for name in ("simulate", "rev_search", "rev_hint", "keep_output", "split_concat"):
             if not isinstance(getattr(self, name), bool):
                 raise MemplanError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.rev_min_gain, bool) or not isinstance(self.rev_min_gain, (int, float)) \
@@ -170,6 +173,9 @@ class PlanOptions:
             raise MemplanError(f"rev_min_gain must be a fraction in [0, 1), got {self.rev_min_gain!r}")
         if self.times is not None and not isinstance(self.times, Mapping):
             raise MemplanError(f"times must map node names to seconds, got {type(self.times).__name__}")
+        if self.split_concat and self.method in ("rev", "rev-only"):
+            raise MemplanError(f"split_concat=True with method {self.method!r}: REV substitution plans the network "
+                               "as written; use one of them (split_concat with auto, exact, approx, chen or remat)")
         object.__setattr__(self, "pinned", frozenset(self.pinned))
         object.__setattr__(self, "checkpoint_modules", tuple(self.checkpoint_modules))
         object.__setattr__(self, "example_inputs", tuple(self.example_inputs))

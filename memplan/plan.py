@@ -50,6 +50,17 @@ class RevReplacementRecord:
 
 
 @dataclass(frozen=True)
+class ConcatSplit:
+    """A convolution over a channel concatenation split into one convolution per part (memplan.splitcat;
+    opt-in, it rounds differently from the original): the nodes it replaced and the nodes it made."""
+    conv: str
+    concat: str
+    channels: tuple[int, ...]    # channels of each part, in concatenation order
+    convs: tuple[str, ...]       # the per-part convolution nodes
+    output: str                  # the node whose value replaces the convolution's
+
+
+@dataclass(frozen=True)
 class Plan:
     """What to keep and what to recompute, with the predicted cost. Round-trips through JSON."""
     segments: tuple[Segment, ...]
@@ -72,6 +83,7 @@ class Plan:
     amp: str | None = None               # autocast of the planned step: None (fp32), "bf16" or "fp16"
     keep_output: bool = True             # the step holds the model output through backward
     threads: int | None = None           # OpenMP threads the CPU scratch figures assume (None: unknown, old file)
+    split_concat: tuple[ConcatSplit, ...] = ()   # convolutions over concatenations split (not bitwise)
     format: int = PLAN_FORMAT
 
     # -- JSON -------------------------------------------------------------------------------------
@@ -106,6 +118,8 @@ class Plan:
         d["rev"] = tuple(RevReplacementRecord(**{"seed": old_seed, **r, "replaced": tuple(r["replaced"])})
                          for r in d.get("rev", ()))
         d["notes"] = tuple(n for n in notes if not _OLD_SEED_NOTE.match(n))
+        d["split_concat"] = tuple(ConcatSplit(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
+                                  for r in d.get("split_concat", ()))
         return Plan(**d)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -139,6 +153,9 @@ class Plan:
         for r in self.rev:
             lines.append(f"  REV {r.name}: {', '.join(r.replaced)} -> {r.new_module} "
                          f"(params {r.params_before} -> {r.params_after})")
+        for r in self.split_concat:
+            lines.append(f"  split {r.conv}: conv over {r.concat} ({' + '.join(map(str, r.channels))} channels) -> "
+                         f"{len(r.convs)} convolutions summed (not bitwise: rounds differently)")
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)

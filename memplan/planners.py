@@ -5,6 +5,8 @@ runs the chosen one. Each planner simulates (and calibrates) its own plan when `
 """
 from __future__ import annotations
 
+import dataclasses
+
 from .analyze import at_precision
 from .baselines import plan_chen, plan_hand
 from .graph import MemGraph
@@ -13,6 +15,7 @@ from .options import PlanOptions
 from .plan import Plan, stamped
 from .registry import PLANNERS, lookup
 from .rev.search import plan_rev, plan_rev_only
+from .splitcat import split_concat
 
 def plan_remat_registered(graph: MemGraph, options: PlanOptions) -> Plan:
     """The remat planner (memplan.remat) with its options taken from ``options``; it calibrates itself."""
@@ -41,6 +44,15 @@ def plan_graph(graph: MemGraph, options: PlanOptions) -> Plan:
     """Plan a traced graph with the planner ``options.method`` names, on byte facts analysed for the
     step's precision (:func:`memplan.analyze.at_precision`: bf16 activations are half the bytes); the plan
     records the step's precision, output lifetime and thread count (:func:`memplan.plan.stamped`). The REV
-    planners re-analyse each substituted network at the same precision."""
+    planners re-analyse each substituted network at the same precision. ``options.split_concat`` plans the
+    graph with its convolutions over concatenations split (memplan.splitcat); the plan lists them."""
+    split: tuple = ()
+    if options.split_concat:                    # on full-precision facts first: they name the plan
+        graph, split = split_concat(graph.full_precision or graph)
     graph = at_precision(graph, options.amp)
-    return stamped(lookup(options.method)(graph, options), options)
+    plan = stamped(lookup(options.method)(graph, options), options)
+    if not split:
+        return plan
+    note = (f"split {len(split)} convolution(s) over concatenations into per-part convolutions (split_concat=True): "
+            "values and gradients round differently from the original")
+    return dataclasses.replace(plan, split_concat=split, notes=plan.notes + (note,))

@@ -133,13 +133,14 @@ def cmd_fit(args: argparse.Namespace, io: Streams) -> int:
             return peak
         grid, results = fit(loaded.model, loaded.input_shapes[0], budget, strategies=strategies, axis=args.axis,
                             optimizer=args.optimizer, method=args.method, scratch=scratch,
-                            dtype=loaded.inputs[0].dtype, peak_wrapper=wrap, amp=args.amp, threads=threads)
+                            dtype=loaded.inputs[0].dtype, peak_wrapper=wrap, amp=args.amp, threads=threads,
+                            split_concat=args.split_concat)
     side = side_precisions(args)
     other = side[1] if args.amp is None else side[0]
     with io.progress.stage(f"peaks at the given input in {amp_text(other)}"), notes_to(io.err):
         other_peaks = {r.strategy: peak_function(loaded.model, r.strategy, optimizer=args.optimizer,
                                                  method=args.method, scratch=scratch, dtype=loaded.inputs[0].dtype,
-                                                 amp=other, threads=threads)(grid.base)
+                                                 amp=other, threads=threads, split_concat=args.split_concat)(grid.base)
                        for r in results}
     by_precision = {amp_text(a): {r.strategy: (r.base_peak_bytes if a == args.amp else other_peaks[r.strategy])
                                   for r in results} for a in side}

@@ -29,4 +29,4 @@ def compile_loaded(loaded: LoadedModel, args: argparse.Namespace, progress: Prog
     with progress.stage(f"{what} on {shape_text(loaded.input_shapes[0])}"), notes_to(progress.console):
         return compile_model(loaded.model, loaded.inputs, budget=args.budget, optimizer=args.optimizer,
                              method=args.method, rev=args.rev, scratch=args.scratch, amp=args.amp,
-                             threads=args.threads)
+                             threads=args.threads, split_concat=args.split_concat)

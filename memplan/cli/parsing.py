@@ -81,9 +81,13 @@ def _common(p: argparse.ArgumentParser, *, budget_required: bool = False) -> Non
                    + ("" if budget_required else " (default: none, the least memory)"))
     p.add_argument("--rev", action="store_true", help="also replace Conv-BN-ReLU passes by reversible blocks "
                    "(changes the network: the new blocks start from fresh weights)")
-    p.add_argument("--method", choices=("auto", "exact", "approx"), default="auto",
+    p.add_argument("--method", choices=("auto", "exact", "approx", "remat"), default="auto",
                    help="Kusumoto DP over all lower sets (exact) or ancestor sets (approx); auto (default): exact "
-                   "when affordable")
+                   "when affordable; remat: also rebuilds tensors a chain of lower sets must keep (slower to plan, "
+                   "less memory)")
+    p.add_argument("--split-concat", action="store_true",
+                   help="split each convolution over a channel concatenation into per-part convolutions first "
+                   "(less memory for U-Nets; not bitwise: values and gradients round differently)")
     p.add_argument("--optimizer", choices=("adam", "sgd", "sgd-momentum", "none"), default="adam",
                    help="optimizer whose state the step holds (default: adam)")
     p.add_argument("--scratch", choices=("cpu", "none"), default=None,
