@@ -808,8 +808,10 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
                                  optimizer=options.optimizer, scratch=options.scratch, amp=options.amp,
                                  keep_output=options.keep_output, threads=options.threads).peak_bytes
 
-        # always rated: D = {}, each path's last accepted; then the latest accepted first, then the extras
-        first = ([accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]) + coarse[:1] + split
+        # rated first: D = {} and the greedy's last accepted (always), its chain split further, the coarser
+        # path's last; then the latest accepted first, then the extras: all but the first two while one more
+        # simulation fits in the time limit (a loaded machine plans longer by at most two simulations)
+        first = ([accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]) + split + coarse[:1]
         rest = looser + accepted[1:-1][::-1] + extras + coarse[1:]
         unique = list({(c.dropped, c.chain): c for c in first + rest}.values())   # first occurrence wins
         n_first = len({(c.dropped, c.chain) for c in first})
@@ -820,8 +822,9 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
                                     keep_output=options.keep_output, threads=options.threads).peak_bytes
         longest = time.perf_counter() - t_sim
         sims = []
-        for i, c in enumerate(rated_first + rest):          # the rest: while one more fits in the time limit
-            if i >= len(rated_first) and time.perf_counter() + longest > t0 + options.time_limit_s:
+        always = min(2, len(rated_first))
+        for i, c in enumerate(rated_first + rest):
+            if i >= always and time.perf_counter() + longest > t0 + options.time_limit_s:
                 break
             t_sim = time.perf_counter()
             sims.append(sim(c))

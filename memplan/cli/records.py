@@ -67,8 +67,8 @@ def optimize_record(loaded, plan, *, scratch: str, out: str | None, plot: str | 
         "peak_ratio": None if not sim_v or sim_p is None else sim_p / sim_v,
         "overhead": plan.predicted_overhead, "planning_time_s": plan.planning_time_s,
         "segments": [r.as_dict() for r in segment_rows(plan.segments, plan.rev, merge=False)],
-        "rev": [asdict(r) for r in plan.rev], "notes": list(plan.notes),
-        "plan_file": out, "plot_file": plot, "plan": json.loads(plan.to_json()),
+        "rev": [asdict(r) for r in plan.rev], "split_concat": [asdict(r) for r in plan.split_concat],
+        "notes": list(plan.notes), "plan_file": out, "plot_file": plot, "plan": json.loads(plan.to_json()),
     }
 
 
@@ -96,7 +96,7 @@ def measure_record(loaded, plan, rows: dict[str, dict], *, optimizer: str, scrat
     return {
         "model": loaded.model_source, "input_shapes": [list(s) for s in loaded.input_shapes],
         "budget_bytes": plan.budget_bytes, "optimizer": optimizer, "scratch": scratch, "amp": amp,
-        "threads": threads, "rev": bool(plan.rev),
+        "threads": threads, "rev": bool(plan.rev), "split_concat": bool(plan.split_concat),
         "device": device, "vanilla": v, "planned": p,
         "simulated_ratio": p["simulated_peak_bytes"] / v["simulated_peak_bytes"],
         "measured_ratio": (p["measured_peak_bytes"] / v["measured_peak_bytes"]) if real else None,
