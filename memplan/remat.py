@@ -809,8 +809,8 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
                                  keep_output=options.keep_output, threads=options.threads).peak_bytes
 
         # rated first: D = {} and the greedy's last accepted (always), its chain split further, the coarser
-        # path's last; then the latest accepted first, then the extras: all but the first two while one more
-        # simulation fits in the time limit (a loaded machine plans longer by at most two simulations)
+        # path's last; then the latest accepted first, then the extras: all but the first three while one more
+        # simulation fits in the time limit (a loaded machine plans longer by at most three simulations)
         first = ([accepted[0], accepted[-1]] if len(accepted) > 1 else accepted[:1]) + split + coarse[:1]
         rest = looser + accepted[1:-1][::-1] + extras + coarse[1:]
         unique = list({(c.dropped, c.chain): c for c in first + rest}.values())   # first occurrence wins
@@ -822,7 +822,7 @@ def plan_remat(graph: MemGraph, options: RematOptions, *, fit_bytes: int | None 
                                     keep_output=options.keep_output, threads=options.threads).peak_bytes
         longest = time.perf_counter() - t_sim
         sims = []
-        always = min(2, len(rated_first))
+        always = min(2 + len(split[:1]), len(rated_first))
         for i, c in enumerate(rated_first + rest):
             if i >= always and time.perf_counter() + longest > t0 + options.time_limit_s:
                 break
