@@ -53,6 +53,16 @@ def _dynunet(size: int) -> nn.Module:
                             deep_supervision=True, deep_supr_num=2)
 
 
+def _swin(size: int) -> nn.Module:
+    return _monai().SwinUNETR(in_channels=1, out_channels=2, feature_size=12 if size <= 64 else 24, spatial_dims=3,
+                              depths=(1, 1, 1, 1) if size <= 64 else (2, 2, 2, 2))
+
+
+def _flexible(size: int) -> nn.Module:
+    return _monai().FlexibleUNet(in_channels=1, out_channels=2, backbone="efficientnet-b0", spatial_dims=3,
+                                 pretrained=False)
+
+
 def _densenet(size: int) -> nn.Module:
     if size <= 32:
         return _monai().DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, init_features=8, growth_rate=4,
@@ -84,6 +94,10 @@ ZOO: tuple[ZooEntry, ...] = (
     ZooEntry("DynUNet-deepsup", _dynunet, (1, 1, 16, 16, 16), (1, 1, 128, 128, 128),
              "monai DynUNet(3, 1, 2, kernels 3, strides (1,2,2,2), filters (16,32,64,128), res_block, "
              "deep_supervision=True, deep_supr_num=2)"),
+    ZooEntry("SwinUNETR", _swin, (1, 1, 64, 64, 64), (1, 1, 96, 96, 96),
+             "monai SwinUNETR(1, 2, feature_size=24, depths=(2, 2, 2, 2)); small: feature_size=12, depths 1"),
+    ZooEntry("FlexibleUNet", _flexible, (2, 1, 32, 32, 32), (1, 1, 128, 128, 128),
+             "monai FlexibleUNet(1, 2, backbone='efficientnet-b0', spatial_dims=3)"),
     ZooEntry("iadd-resnet", lambda s: idioms.IAddResNet(width=4 if s <= 32 else 16), (1, 1, 8, 8, 8),
              (1, 1, 128, 128, 128), "out += identity, ReLU(inplace=True)"),
     ZooEntry("elu-inplace", lambda s: idioms.InplaceChain(nn.ELU, True, width=4 if s <= 32 else 16), (1, 1, 8, 8, 8),

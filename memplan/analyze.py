@@ -177,9 +177,8 @@ def _use_counts(n: torch.fx.Node) -> dict[str, int]:
     return counts
 
 
-def _sources(gm: torch.fx.GraphModule, name: str, keep: set[str]) -> set[str]:
-    """Placeholder/get_attr names that node ``name`` reads directly or through non-tensor nodes."""
-    node = next(n for n in gm.graph.nodes if n.name == name)
+def _sources(node: torch.fx.Node, keep: set[str]) -> set[str]:
+    """Placeholder/get_attr names that ``node`` reads directly or through non-tensor nodes."""
     out, stack = set(), list(node.all_input_nodes)
     while stack:
         a = stack.pop()
@@ -235,9 +234,14 @@ def analyze(gm: torch.fx.GraphModule, example_inputs: tuple, *, tracer: str = "f
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = tuple(sorted(deps[output_node.name], key=order.index))
     shared = []   # readers of each graph input / parameter attribute, through non-tensor nodes
+    readers_of: dict[str, list[str]] = {}
+    fx_node = {n.name: n for n in gm.graph.nodes}
+    for u in order:
+        for src in _sources(fx_node[u], keep):
+            readers_of.setdefault(src, []).append(u)
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "get_attr"):
-            readers = [u for u in order if n.name in _sources(gm, u, keep)]
+            readers = readers_of.get(n.name, [])
             if len(readers) >= 3:
                 shared.append(tuple(readers))
     by_param: dict[int, list[str]] = {}   # a module called several times reads its weights each time
@@ -301,6 +305,7 @@ def _mutation_constraints(gm: torch.fx.GraphModule, dag: nx.DiGraph, order: list
     that tensor. Buffer writes need neither: recomputation runs on the buffers as they were.
     """
     index = {name: i for i, name in enumerate(order)}
+    fx_node = {n.name: n for n in gm.graph.nodes}
     together, pinned = [], set()
     for m in order:
         for owner in infos[m].mutates:
@@ -311,8 +316,8 @@ def _mutation_constraints(gm: torch.fx.GraphModule, dag: nx.DiGraph, order: list
                            if any(alias_root(infos, p) == root for p in dag.predecessors(u))]
                 together.append(tuple(sorted({root, m, *readers}, key=index.__getitem__)))
             elif owner in (_PARAM, _INPUT):
-                mine = _sources(gm, m, keep)
-                pinned |= {m} | {u for u in earlier if _sources(gm, u, keep) & mine}
+                mine = _sources(fx_node[m], keep)
+                pinned |= {m} | {u for u in earlier if _sources(fx_node[u], keep) & mine}
     return tuple(dict.fromkeys(together)), frozenset(pinned)
 
 

@@ -11,9 +11,10 @@ from tests.bitwise import compile_and_compare
 
 pytest.importorskip("monai")
 
-SLOW_SMALL = {"UNETR", "DenseNet121", "BasicUNetPlusPlus", "SegResNetDS", "VNet", "DynUNet-deepsup"}
+SLOW_SMALL = {"UNETR", "DenseNet121", "BasicUNetPlusPlus", "SegResNetDS", "VNet", "DynUNet-deepsup", "SwinUNETR",
+              "FlexibleUNet"}
 SLOW_CLINICAL = {"UNETR", "DenseNet121", "BasicUNetPlusPlus", "SegResNetDS", "AttentionUnet", "resnet18", "VNet",
-                 "DynUNet-deepsup"}
+                 "DynUNet-deepsup", "SwinUNETR", "FlexibleUNet"}
 
 
 def _marked(names, slow):
