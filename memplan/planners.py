@@ -48,7 +48,7 @@ def plan_graph(graph: MemGraph, options: PlanOptions) -> Plan:
     graph with its convolutions over concatenations split (memplan.splitcat); the plan lists them."""
     split: tuple = ()
     if options.split_concat:                    # on full-precision facts first: they name the plan
-        graph, split = split_concat(graph.full_precision or graph)
+        graph, split = split_concat(graph if graph.full_precision is None else graph.full_precision)
     graph = at_precision(graph, options.amp)
     plan = stamped(lookup(options.method)(graph, options), options)
     if not split:

@@ -42,8 +42,8 @@ class _Conv:
     """One convolution node as the split needs it: input node, weight and bias (nodes or module names)."""
     node: torch.fx.Node
     x: torch.fx.Node
-    weight: object            # an fx node, or the module's qualified name
-    bias: object              # an fx node, the module's name (it has a bias), or None
+    weight: object            # an fx node, or the qualified name of a module's weight
+    bias: object              # an fx node, the qualified name of a module's bias, or None
     stride: tuple
     padding: tuple
     dilation: tuple
@@ -61,7 +61,7 @@ def _as_conv(gm: torch.fx.GraphModule, n: torch.fx.Node) -> _Conv | None:
     if n.op == "call_module" and len(n.args) == 1 and not n.kwargs:
         mod = gm.get_submodule(n.target)
         if _plain_conv_module(mod) and isinstance(n.args[0], torch.fx.Node):
-            return _Conv(n, n.args[0], f"{n.target}.weight", n.target if mod.bias is not None else None,
+            return _Conv(n, n.args[0], f"{n.target}.weight", f"{n.target}.bias" if mod.bias is not None else None,
                          tuple(mod.stride), tuple(mod.padding), tuple(mod.dilation))
         return None
     if n.op != "call_function":
@@ -114,8 +114,11 @@ def concat_convolutions(graph: MemGraph) -> list[tuple[_Conv, torch.fx.Node, lis
     return out
 
 
-def _weight_node(g: torch.fx.Graph, ref: object) -> torch.fx.Node | None:
-    return g.get_attr(ref) if isinstance(ref, str) else ref
+def _operand(g: torch.fx.Graph, nodes: dict[str, torch.fx.Node], ref: object) -> object:
+    """A weight or bias in the copied graph: a new get_attr for an attribute path, the copy of a node, else as is."""
+    if isinstance(ref, str):
+        return g.get_attr(ref)
+    return nodes[ref.name] if isinstance(ref, torch.fx.Node) else ref
 
 
 def split_concat(graph: MemGraph) -> tuple[MemGraph, tuple[ConcatSplit, ...]]:
@@ -135,12 +138,8 @@ def split_concat(graph: MemGraph) -> tuple[MemGraph, tuple[ConcatSplit, ...]]:
         rank = len(graph.info(parts[0].name).out_shapes[0]) - 2
         made = []
         with gm.graph.inserting_before(node):
-            weight = _weight_node(gm.graph, conv.weight if isinstance(conv.weight, str) else nodes[conv.weight.name])
-            bias = conv.bias
-            if isinstance(bias, str):
-                bias = gm.graph.get_attr(f"{bias}.bias")
-            elif isinstance(bias, torch.fx.Node):
-                bias = nodes[bias.name]
+            weight = _operand(gm.graph, nodes, conv.weight)
+            bias = _operand(gm.graph, nodes, conv.bias)
             total, start = None, 0
             for i, (part, c) in enumerate(zip(parts, channels)):
                 w_i = gm.graph.call_function(operator.getitem, (weight, (slice(None), slice(start, start + c))))
